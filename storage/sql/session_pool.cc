@@ -1,0 +1,56 @@
+#include "storage/sql/session_pool.h"
+
+#include <utility>
+
+namespace modelvault::storage {
+
+SessionPool::Lease::~Lease() {
+  if (pool_ != nullptr) pool_->Release(slot_);
+}
+
+void SessionPool::Lease::Discard() { pool_->sessions_[slot_].reset(); }
+
+SessionPool::SessionPool(const Dialect& dialect, std::string connect_string, int size,
+                         absl::Duration acquire_timeout)
+    : dialect_(dialect),
+      connect_string_(std::move(connect_string)),
+      acquire_timeout_(acquire_timeout),
+      sessions_(static_cast<size_t>(size)) {
+  for (size_t i = sessions_.size(); i > 0; --i) free_.push_back(i - 1);
+}
+
+absl::StatusOr<SessionPool::Lease> SessionPool::Acquire() {
+  size_t slot = 0;
+  {
+    absl::MutexLock lock(&mu_);
+    auto has_free = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !free_.empty(); };
+    if (!mu_.AwaitWithTimeout(absl::Condition(&has_free), acquire_timeout_)) {
+      return absl::UnavailableError("all database connections are busy; retry the call");
+    }
+    slot = free_.back();
+    free_.pop_back();
+  }
+  Lease lease(this, slot);
+  if (sessions_[slot] == nullptr) {
+    try {
+      auto session = std::make_unique<soci::session>();
+      session->open(std::string(dialect_.engine()), connect_string_);
+      dialect_.OnConnect(*session);
+      sessions_[slot] = std::move(session);
+    } catch (const soci::soci_error& error) {
+      absl::Status status = dialect_.MapError(error);
+      if (status.code() == absl::StatusCode::kInternal) {
+        status = absl::UnavailableError("cannot connect to the database");
+      }
+      return status;
+    }
+  }
+  return lease;
+}
+
+void SessionPool::Release(size_t slot) {
+  absl::MutexLock lock(&mu_);
+  free_.push_back(slot);
+}
+
+}  // namespace modelvault::storage

@@ -1,0 +1,80 @@
+#include <string>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "soci/sqlite3/soci-sqlite3.h"
+#include "storage/sql/dialect.h"
+
+namespace modelvault::storage {
+namespace {
+
+// SQLite result codes (sqlite3.h); SOCI reports the primary code.
+constexpr int kSqliteBusy = 5;
+constexpr int kSqliteLocked = 6;
+constexpr int kSqliteConstraint = 19;
+constexpr int kSqliteCantOpen = 14;
+
+class SqliteDialect final : public Dialect {
+ public:
+  absl::string_view engine() const override { return "sqlite3"; }
+  Features features() const override { return Features{}; }
+  std::string ConnectString(absl::string_view url) const override {
+    std::string rest(url.substr(absl::string_view("sqlite3://").size()));
+    if (!absl::StrContains(rest, "timeout=")) absl::StrAppend(&rest, " timeout=10");
+    return rest;
+  }
+  void OnConnect(soci::session& session) const override {
+    session << "PRAGMA journal_mode=WAL";
+    session << "PRAGMA synchronous=NORMAL";
+    session << "PRAGMA foreign_keys=ON";
+    session << "PRAGMA busy_timeout=10000";
+  }
+  // IMMEDIATE takes the write lock up front: no deadlock on lock upgrade.
+  absl::string_view BeginWrite() const override { return "BEGIN IMMEDIATE"; }
+  absl::string_view BeginRead() const override { return "BEGIN"; }
+  absl::string_view ForUpdate() const override { return ""; }
+  // SQLite has one writer at a time: appends are already serialized.
+  void LockChangeFeed(soci::session& /*session*/) const override {}
+  void LockRequestId(soci::session& /*session*/, const std::string& /*request_id*/) const override {}
+  void LockMigrations(soci::session& session) const override {
+    session << "BEGIN IMMEDIATE";
+    session << "COMMIT";
+  }
+  void UnlockMigrations(soci::session& /*session*/) const override {}
+  std::string TableExistsQuery() const override {
+    return "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = :t";
+  }
+  absl::Status MapError(const soci::soci_error& error) const override {
+    const auto* lite = dynamic_cast<const soci::sqlite3_soci_error*>(&error);
+    const int code = lite != nullptr ? (lite->result() & 0xff) : -1;
+    const absl::string_view what = error.what();
+    if (code == kSqliteConstraint || absl::StrContains(what, "constraint failed")) {
+      if (absl::StrContains(what, "UNIQUE") || absl::StrContains(what, "PRIMARY KEY")) {
+        return absl::AlreadyExistsError("the resource already exists");
+      }
+      if (absl::StrContains(what, "FOREIGN KEY")) {
+        return absl::FailedPreconditionError("other resources still refer to this one");
+      }
+      return absl::InvalidArgumentError("the value breaks a database constraint");
+    }
+    if (code == kSqliteBusy || code == kSqliteLocked || absl::StrContains(what, "locked")) {
+      return absl::AbortedError("the database is busy; retry the transaction");
+    }
+    if (code == kSqliteCantOpen) return absl::UnavailableError("cannot open the database file");
+    return absl::InternalError(absl::StrCat("database error (SQLite code ", code, ")"));
+  }
+};
+
+}  // namespace
+
+std::unique_ptr<Dialect> MakeSqliteDialect() { return std::make_unique<SqliteDialect>(); }
+
+absl::StatusOr<std::unique_ptr<Dialect>> DialectForUrl(absl::string_view url) {
+  if (absl::StartsWith(url, "postgresql://")) return MakePostgresDialect();
+  if (absl::StartsWith(url, "sqlite3://")) return MakeSqliteDialect();
+  return absl::InvalidArgumentError(
+      "database URL must start with sqlite3:// (sqlite3://db=PATH) or postgresql:// "
+      "(postgresql://host=H port=P dbname=D user=U)");
+}
+
+}  // namespace modelvault::storage
