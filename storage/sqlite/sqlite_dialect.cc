@@ -28,6 +28,8 @@ class SqliteDialect final : public Dialect {
     session << "PRAGMA synchronous=NORMAL";
     session << "PRAGMA foreign_keys=ON";
     session << "PRAGMA busy_timeout=10000";
+    // Filters compile `field = "abc*"` to LIKE: make it match case as PostgreSQL does.
+    session << "PRAGMA case_sensitive_like=ON";
   }
   // IMMEDIATE takes the write lock up front: no deadlock on lock upgrade.
   absl::string_view BeginWrite() const override { return "BEGIN IMMEDIATE"; }
