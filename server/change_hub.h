@@ -1,0 +1,82 @@
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "storage/storage.h"
+
+namespace modelvault::server {
+
+// A consumer of the change feed (a watch stream). Called on the hub thread;
+// must not block.
+class ChangeSink {
+ public:
+  virtual ~ChangeSink() = default;
+  // Queues a change; false when the sink is gone or its bounded buffer is
+  // full (the hub then drops it, and the sink ends its stream resumably).
+  virtual bool OfferChange(const storage::ChangeRecord& change) = 0;
+  // Queues a checkpoint at feed position `seq`.
+  virtual bool OfferCheckpoint(std::int64_t seq, absl::Time now) = 0;
+  // Ends the stream with `status`; the client resumes from `seq`.
+  virtual void Close(const absl::Status& status, std::int64_t seq) = 0;
+};
+
+// Tails the change feed on one thread and delivers every change in seq
+// (= commit) order to listeners (the cache) and to subscribed sinks. A sink
+// that joins with a cursor is first caught up from the database. Slow sinks
+// are dropped, never waited for.
+class ChangeHub final {
+ public:
+  ChangeHub(storage::Datastore& datastore, absl::Duration poll_interval);
+  ~ChangeHub();
+
+  void AddListener(std::function<void(const storage::ChangeRecord&)> listener);
+  // Starts tailing after `head` (the position the listeners already reflect).
+  void Start(std::int64_t head);
+  // Ends every sink with UNAVAILABLE and its cursor, and stops the thread.
+  void Stop();
+  // Polls now (a local write committed).
+  void Poke();
+
+  // Subscribes `sink` after `after_seq` (nullopt: from the current head).
+  void Subscribe(std::shared_ptr<ChangeSink> sink, std::optional<std::int64_t> after_seq,
+                 absl::Duration checkpoint_interval);
+
+  std::int64_t head() const;
+
+ private:
+  struct Subscription {
+    std::shared_ptr<ChangeSink> sink;
+    std::optional<std::int64_t> after;  // nullopt until placed
+    bool live = false;
+    absl::Duration checkpoint_interval;
+    absl::Time last_sent;
+  };
+
+  void Loop();
+  // Catches a new subscription up from the database; false to drop it.
+  bool CatchUp(Subscription& sub);
+
+  storage::Datastore& datastore_;
+  const absl::Duration poll_interval_;
+  std::vector<std::function<void(const storage::ChangeRecord&)>> listeners_;
+
+  mutable absl::Mutex mu_;
+  bool stopping_ ABSL_GUARDED_BY(mu_) = false;
+  bool poked_ ABSL_GUARDED_BY(mu_) = false;
+  std::int64_t head_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<Subscription> pending_ ABSL_GUARDED_BY(mu_);
+
+  std::vector<Subscription> subscriptions_;  // hub thread only
+  std::thread thread_;
+};
+
+}  // namespace modelvault::server

@@ -1,0 +1,115 @@
+#include "server/config.h"
+
+#include <cstdlib>
+
+#include "absl/strings/ascii.h"
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/strip.h"
+
+namespace modelvault::server {
+
+const char kServeUsage[] = R"(usage: modelvault serve [flags]
+
+  --listen ADDR            host:port or unix:PATH (default 127.0.0.1:50051)   env MODELVAULT_LISTEN
+  --database URL           sqlite3://db=PATH or postgresql://host=H port=P dbname=D user=U
+                           (default sqlite3://db=modelvault.db)               env MODELVAULT_DATABASE
+  --migrate true|false     apply pending migrations at start (default: true on SQLite, false on
+                           PostgreSQL, where `modelvault migrate up` is a deploy step)
+  --log-level LEVEL        debug, info, warn, error (default info)            env MODELVAULT_LOG_LEVEL
+  --log-format FORMAT      text or json (default text)                        env MODELVAULT_LOG_FORMAT
+  --shutdown-timeout SECS  grace for in-flight calls on SIGTERM (default 10)  env MODELVAULT_SHUTDOWN_TIMEOUT
+  --port-file PATH         write the bound TCP port to PATH (useful with port 0)
+  --db-pool N              database connections (default 8)
+  --workers N              threads for database work (default 8)
+  --feed-poll-ms N         change-feed poll interval (default 200)
+)";
+
+absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args,
+                                   const std::vector<std::string>& known,
+                                   const std::vector<std::string>& boolean) {
+  Flags flags;
+  for (size_t i = 0; i < args.size(); ++i) {
+    absl::string_view arg = args[i];
+    if (!absl::ConsumePrefix(&arg, "--")) {
+      flags.positional_.push_back(args[i]);
+      continue;
+    }
+    std::string name(arg.substr(0, arg.find('=')));
+    if (std::find(known.begin(), known.end(), name) == known.end()) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", name));
+    }
+    std::string value;
+    if (arg.find('=') != absl::string_view::npos) {
+      value = std::string(arg.substr(arg.find('=') + 1));
+    } else if (std::find(boolean.begin(), boolean.end(), name) != boolean.end()) {
+      value = "true";
+    } else if (i + 1 < args.size()) {
+      value = args[++i];
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("flag --", name, " needs a value"));
+    }
+    flags.values_[name] = value;
+  }
+  return flags;
+}
+
+std::string Flags::Get(absl::string_view name, absl::string_view fallback) const {
+  if (auto it = values_.find(name); it != values_.end()) return it->second;
+  const std::string env =
+      absl::StrCat("MODELVAULT_", absl::AsciiStrToUpper(absl::StrReplaceAll(name, {{"-", "_"}})));
+  if (const char* v = std::getenv(env.c_str()); v != nullptr && *v != '\0') return v;
+  return std::string(fallback);
+}
+
+bool Flags::Has(absl::string_view name) const { return values_.count(name) > 0; }
+
+absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& args) {
+  absl::StatusOr<Flags> flags =
+      Flags::Parse(args, {"listen", "database", "migrate", "log-level", "log-format",
+                          "shutdown-timeout", "port-file", "db-pool", "workers", "feed-poll-ms"},
+                   {"migrate"});
+  if (!flags.ok()) return flags.status();
+  if (!flags->positional().empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("unexpected argument ", flags->positional()[0]));
+  }
+  ServeConfig config;
+  config.listen = flags->Get("listen", kDefaultListen);
+  config.database = flags->Get("database", kDefaultDatabase);
+  config.port_file = flags->Get("port-file");
+  if (!ParseLogLevel(flags->Get("log-level", "info"), config.log_level)) {
+    return absl::InvalidArgumentError("--log-level must be debug, info, warn or error");
+  }
+  if (!ParseLogFormat(flags->Get("log-format", "text"), config.log_format)) {
+    return absl::InvalidArgumentError("--log-format must be text or json");
+  }
+  auto number = [&](absl::string_view name, int fallback, int min, int max,
+                    int& out) -> absl::Status {
+    const std::string text = flags->Get(name, absl::StrCat(fallback));
+    if (!absl::SimpleAtoi(text, &out) || out < min || out > max) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", name, " must be a whole number from ", min, " to ", max));
+    }
+    return absl::OkStatus();
+  };
+  int seconds = 0, poll_ms = 0;
+  for (absl::Status s : {number("shutdown-timeout", 10, 0, 3600, seconds),
+                         number("db-pool", 8, 1, 256, config.pool_size),
+                         number("workers", 8, 1, 256, config.executor_threads),
+                         number("feed-poll-ms", 200, 10, 10000, poll_ms)}) {
+    if (!s.ok()) return s;
+  }
+  config.shutdown_timeout = absl::Seconds(seconds);
+  config.feed_poll = absl::Milliseconds(poll_ms);
+  const std::string migrate =
+      flags->Get("migrate", absl::StartsWith(config.database, "sqlite3://") ? "true" : "false");
+  if (migrate != "true" && migrate != "false") {
+    return absl::InvalidArgumentError("--migrate must be true or false");
+  }
+  config.migrate = migrate == "true";
+  return config;
+}
+
+}  // namespace modelvault::server

@@ -1,0 +1,212 @@
+#include "server/resource_methods.h"
+
+#include "absl/strings/str_cat.h"
+#include "google/protobuf/io/coded_stream.h"
+#include "google/protobuf/io/zero_copy_stream_impl_lite.h"
+#include "server/validation.h"
+#include "storage/migrate.h"
+
+namespace modelvault::server {
+namespace {
+
+using google::protobuf::Descriptor;
+using google::protobuf::FieldDescriptor;
+using google::protobuf::Message;
+
+std::string NameOf(const Message& m) {
+  return m.GetReflection()->GetString(m, m.GetDescriptor()->FindFieldByName("name"));
+}
+
+// SHA-256 of the deterministic serialization of the request without its
+// request_id: the same logical request always hashes alike.
+std::string RequestHash(const Message& request) {
+  std::unique_ptr<Message> copy(request.New());
+  copy->CopyFrom(request);
+  if (const FieldDescriptor* f = copy->GetDescriptor()->FindFieldByName("request_id")) {
+    copy->GetReflection()->ClearField(copy.get(), f);
+  }
+  std::string bytes;
+  {
+    google::protobuf::io::StringOutputStream stream(&bytes);
+    google::protobuf::io::CodedOutputStream out(&stream);
+    out.SetSerializationDeterministic(true);
+    copy->SerializeToCodedStream(&out);
+  }
+  return storage::Sha256Hex(bytes);
+}
+
+absl::Status ParentViolation(const storage::ResourceSchema& schema, absl::string_view parent,
+                             std::vector<FieldViolation>& out) {
+  const storage::ResourceSchema* parent_schema =
+      storage::SchemaRegistry::Default().ForType(schema.parent_type());
+  if (parent_schema == nullptr) return absl::OkStatus();
+  if (parent.empty()) {
+    out.push_back({"parent", "is required"});
+  } else if (auto p = parent_schema->ParentOf(parent); !p.ok()) {
+    out.push_back({"parent", std::string(p.status().message())});
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+ResourceMethods::ResourceMethods(storage::ResourceStore& store, CatalogCache& cache,
+                                 ChangeHub& hub, std::string principal)
+    : store_(store), cache_(cache), hub_(hub), principal_(std::move(principal)) {}
+
+void ResourceMethods::SetHooks(const Descriptor* type, ResourceHooks hooks) {
+  hooks_.emplace_back(type, std::move(hooks));
+}
+
+const ResourceHooks* ResourceMethods::HooksFor(const Descriptor* type) const {
+  for (const auto& [t, h] : hooks_) {
+    if (t == type) return &h;
+  }
+  return nullptr;
+}
+
+storage::MutationContext ResourceMethods::Context(const Message& request,
+                                                  std::string request_id) const {
+  storage::MutationContext ctx;
+  ctx.principal = principal_;
+  ctx.method = request.GetDescriptor()->full_name();
+  ctx.request_id = std::move(request_id);
+  if (!ctx.request_id.empty()) ctx.request_hash = RequestHash(request);
+  ctx.now = absl::Now();
+  return ctx;
+}
+
+void ResourceMethods::Publish(absl::string_view name, const storage::MutationResult& result) {
+  if (result.replayed) return;
+  std::shared_ptr<const Message> resource(nullptr);
+  if (result.resource != nullptr) {
+    std::shared_ptr<Message> copy(result.resource->New());
+    copy->CopyFrom(*result.resource);
+    resource = std::move(copy);
+  }
+  cache_.Put(name, result.change_seq, std::move(resource));
+  hub_.Poke();
+}
+
+absl::Status ResourceMethods::Create(const CreateCall& call, Message* out) {
+  const storage::ResourceSchema* schema =
+      storage::SchemaRegistry::Default().ForMessage(out->GetDescriptor());
+  std::vector<FieldViolation> violations;
+  if (call.has_parent_field) ParentViolation(*schema, call.parent, violations).IgnoreError();
+  ValidateId(call.id_field, call.id, violations);
+  ValidateRequestId(call.request_id, violations);
+  std::unique_ptr<Message> resource(call.resource->New());
+  resource->CopyFrom(*call.resource);
+  ClearOutputOnly(*resource);
+  const ResourceHooks* hooks = HooksFor(out->GetDescriptor());
+  if (hooks != nullptr && hooks->defaults) hooks->defaults(*resource, call.id);
+  const std::string prefix = call.resource_field + ".";
+  ValidateMessage(*resource, prefix, nullptr, violations);
+  if (violations.empty()) {
+    resource->GetReflection()->SetString(resource.get(),
+                                         resource->GetDescriptor()->FindFieldByName("name"),
+                                         schema->NameFor(call.parent, call.id));
+    if (hooks != nullptr && hooks->check) hooks->check(*resource, prefix, violations);
+  }
+  if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
+
+  absl::StatusOr<storage::MutationResult> result =
+      store_.Create(Context(*call.request, call.request_id), *resource);
+  if (!result.ok()) return result.status();
+  Publish(NameOf(*result->resource), *result);
+  out->CopyFrom(*result->resource);
+  return absl::OkStatus();
+}
+
+absl::Status ResourceMethods::Get(const Descriptor* type, absl::string_view name, Message* out) {
+  const storage::ResourceSchema* schema = storage::SchemaRegistry::Default().ForMessage(type);
+  if (name.empty()) return InvalidField("name", "is required");
+  if (auto p = schema->ParentOf(name); !p.ok()) {
+    return InvalidField("name", std::string(p.status().message()));
+  }
+  std::shared_ptr<const Message> cached = cache_.Get(name);
+  if (cached == nullptr || cached->GetDescriptor() != type) {
+    return WithResourceInfo(absl::NotFoundError(absl::StrCat(name, " does not exist")),
+                            schema->type(), name);
+  }
+  out->CopyFrom(*cached);
+  return absl::OkStatus();
+}
+
+absl::Status ResourceMethods::Update(const UpdateCall& call, Message* out) {
+  std::vector<FieldViolation> violations;
+  ValidateRequestId(call.request_id, violations);
+  std::vector<std::string> paths;
+  if (call.update_mask == nullptr || call.update_mask->paths_size() == 0) {
+    violations.push_back({"update_mask", "is required: name the fields to change, or \"*\""});
+  } else {
+    paths.assign(call.update_mask->paths().begin(), call.update_mask->paths().end());
+  }
+  const std::string name = NameOf(*call.resource);
+  if (name.empty()) violations.push_back({call.resource_field + ".name", "is required"});
+  const bool all = std::find(paths.begin(), paths.end(), "*") != paths.end();
+  const std::string prefix = call.resource_field + ".";
+  ValidateMessage(*call.resource, prefix, all ? nullptr : &paths, violations);
+  // Hooks see only the fields in the mask (others are empty in the patch).
+  if (const ResourceHooks* hooks = HooksFor(out->GetDescriptor());
+      violations.empty() && hooks != nullptr && hooks->check) {
+    hooks->check(*call.resource, prefix, violations);
+  }
+  if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
+
+  absl::StatusOr<storage::MutationResult> result =
+      store_.Update(Context(*call.request, call.request_id), *call.resource, paths);
+  if (!result.ok()) return result.status();
+  Publish(name, *result);
+  out->CopyFrom(*result->resource);
+  return absl::OkStatus();
+}
+
+absl::Status ResourceMethods::Delete(const DeleteCall& call) {
+  std::vector<FieldViolation> violations;
+  ValidateRequestId(call.request_id, violations);
+  if (call.name.empty()) violations.push_back({"name", "is required"});
+  if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
+  absl::StatusOr<storage::MutationResult> result =
+      store_.Delete(Context(*call.request, call.request_id), call.type, call.name, call.etag);
+  if (!result.ok()) return result.status();
+  Publish(call.name, *result);
+  return absl::OkStatus();
+}
+
+absl::Status ResourceMethods::List(const ListCall& call, Message* out) {
+  const storage::ResourceSchema* schema = storage::SchemaRegistry::Default().ForMessage(call.type);
+  std::vector<FieldViolation> violations;
+  storage::ListRequest request;
+  if (call.has_parent_field) {
+    const storage::ResourceSchema* parent_schema =
+        storage::SchemaRegistry::Default().ForType(schema->parent_type());
+    const std::string wildcard = parent_schema->collections().back() + "/-";
+    if (call.parent == wildcard) {
+      request.all_parents = true;
+    } else {
+      ParentViolation(*schema, call.parent, violations).IgnoreError();
+      request.parent = call.parent;
+    }
+  }
+  if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
+  request.page_size = call.page_size;
+  request.page_token = call.page_token;
+  request.filter = call.filter;
+  request.order_by = call.order_by;
+  absl::StatusOr<storage::ListPage> page = store_.List(call.type, request);
+  if (!page.ok()) return page.status();
+  const Descriptor* d = out->GetDescriptor();
+  const FieldDescriptor* items = nullptr;
+  for (int i = 0; i < d->field_count(); ++i) {
+    if (d->field(i)->is_repeated() && d->field(i)->message_type() == call.type) items = d->field(i);
+  }
+  for (auto& item : page->items) {
+    out->GetReflection()->AddMessage(out, items)->CopyFrom(*item);
+  }
+  out->GetReflection()->SetString(out, d->FindFieldByName("next_page_token"),
+                                  page->next_page_token);
+  return absl::OkStatus();
+}
+
+}  // namespace modelvault::server

@@ -1,0 +1,98 @@
+#pragma once
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+#include "google/protobuf/field_mask.pb.h"
+#include "google/protobuf/message.h"
+#include "server/catalog_cache.h"
+#include "server/change_hub.h"
+#include "storage/resource_store.h"
+#include "storage/status_details.h"
+
+// The standard methods (AIP-131..135) once for every resource: request
+// validation with field violations, idempotency keys, the cache and the
+// change hub kept in step with each write. Services only name their fields.
+namespace modelvault::server {
+
+// Resource-specific checks beyond the descriptor rules, and defaults.
+struct ResourceHooks {
+  // Called on create and update with the full resource after defaults.
+  std::function<void(const google::protobuf::Message& resource, absl::string_view field_prefix,
+                     std::vector<FieldViolation>& out)>
+      check;
+  // Fills defaults on create (e.g. upstream_id from the id).
+  std::function<void(google::protobuf::Message& resource, absl::string_view id)> defaults;
+};
+
+struct CreateCall {
+  const google::protobuf::Message* request = nullptr;
+  std::string parent;  // "" for top-level resources
+  bool has_parent_field = false;
+  std::string id;
+  std::string id_field;  // e.g. "model_id"
+  const google::protobuf::Message* resource = nullptr;
+  std::string resource_field;  // e.g. "model"
+  std::string request_id;
+};
+
+struct UpdateCall {
+  const google::protobuf::Message* request = nullptr;
+  const google::protobuf::Message* resource = nullptr;
+  std::string resource_field;
+  const google::protobuf::FieldMask* update_mask = nullptr;
+  std::string request_id;
+};
+
+struct DeleteCall {
+  const google::protobuf::Message* request = nullptr;
+  const google::protobuf::Descriptor* type = nullptr;
+  std::string name;
+  std::string etag;
+  std::string request_id;
+};
+
+struct ListCall {
+  const google::protobuf::Descriptor* type = nullptr;
+  std::string parent;
+  bool has_parent_field = false;
+  int page_size = 0;
+  std::string page_token;
+  std::string filter;
+  std::string order_by;
+};
+
+class ResourceMethods final {
+ public:
+  ResourceMethods(storage::ResourceStore& store, CatalogCache& cache, ChangeHub& hub,
+                  std::string principal);
+
+  void SetHooks(const google::protobuf::Descriptor* type, ResourceHooks hooks);
+
+  absl::Status Create(const CreateCall& call, google::protobuf::Message* out);
+  // Served from the cache (coherent with every committed write of this
+  // replica, and with other replicas' within one feed poll).
+  absl::Status Get(const google::protobuf::Descriptor* type, absl::string_view name,
+                   google::protobuf::Message* out);
+  absl::Status Update(const UpdateCall& call, google::protobuf::Message* out);
+  absl::Status Delete(const DeleteCall& call);
+  // Fills the repeated resource field and next_page_token of `out`.
+  absl::Status List(const ListCall& call, google::protobuf::Message* out);
+
+ private:
+  storage::MutationContext Context(const google::protobuf::Message& request,
+                                   std::string request_id) const;
+  void Publish(absl::string_view name, const storage::MutationResult& result);
+  const ResourceHooks* HooksFor(const google::protobuf::Descriptor* type) const;
+
+  storage::ResourceStore& store_;
+  CatalogCache& cache_;
+  ChangeHub& hub_;
+  std::string principal_;
+  std::vector<std::pair<const google::protobuf::Descriptor*, ResourceHooks>> hooks_;
+};
+
+}  // namespace modelvault::server

@@ -1,0 +1,153 @@
+#pragma once
+
+#include <deque>
+#include <functional>
+#include <memory>
+
+#include "absl/synchronization/mutex.h"
+#include "grpcpp/grpcpp.h"
+#include "server/change_hub.h"
+#include "server/cursor.h"
+#include "server/grpc_status.h"
+#include "storage/status_details.h"
+
+namespace modelvault::server {
+
+// A server-streaming reactor fed by the ChangeHub: a bounded queue per
+// stream, one write in flight, never blocking the hub. When the queue is
+// full the stream ends with RESOURCE_EXHAUSTED and the last cursor it
+// delivered, so the client resumes without loss. Owned by a shared_ptr held
+// by itself (until OnDone) and by the hub.
+template <typename Response>
+class WatchReactor final : public grpc::ServerWriteReactor<Response>, public ChangeSink {
+ public:
+  using Convert = std::function<bool(const storage::ChangeRecord&, Response&)>;
+  using MakeCheckpoint = std::function<void(absl::Time, Response&)>;
+
+  static std::shared_ptr<WatchReactor> Create(size_t max_queue, Convert convert,
+                                              MakeCheckpoint checkpoint) {
+    std::shared_ptr<WatchReactor> reactor(
+        new WatchReactor(max_queue, std::move(convert), std::move(checkpoint)));
+    reactor->self_ = reactor;
+    return reactor;
+  }
+
+  bool OfferChange(const storage::ChangeRecord& change) override {
+    Response response;
+    if (!convert_(change, response)) return !Gone();  // not for this stream
+    response.set_cursor(EncodeCursor(change.seq));
+    return Enqueue(std::move(response), change.seq);
+  }
+
+  bool OfferCheckpoint(std::int64_t seq, absl::Time now) override {
+    Response response;
+    checkpoint_(now, response);
+    response.set_cursor(EncodeCursor(seq));
+    return Enqueue(std::move(response), seq);
+  }
+
+  void Close(const absl::Status& status, std::int64_t seq) override {
+    absl::Status final_status = status;
+    if (absl::IsUnavailable(status) && ErrorReason(status).empty()) {
+      final_status = WithErrorInfo(status, "STREAM_ENDED", {{"cursor", EncodeCursor(seq)}});
+    }
+    {
+      absl::MutexLock lock(&mu_);
+      if (finish_requested_) return;
+      finish_requested_ = true;
+      final_status_ = ToGrpcStatus(final_status);
+      if (writing_) return;  // OnWriteDone finishes
+    }
+    this->Finish(final_status_);
+  }
+
+  void OnWriteDone(bool ok) override {
+    Response* next = nullptr;
+    bool finish = false;
+    {
+      absl::MutexLock lock(&mu_);
+      queue_.pop_front();
+      if (!ok) {
+        finish_requested_ = true;
+        final_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "stream broken");
+        queue_.clear();
+      }
+      if (!queue_.empty() && !finish_requested_) {
+        next = &queue_.front();
+      } else {
+        writing_ = false;
+        finish = finish_requested_;
+      }
+    }
+    if (next != nullptr) {
+      this->StartWrite(next);
+    } else if (finish) {
+      this->Finish(final_status_);
+    }
+  }
+
+  void OnCancel() override {
+    std::int64_t seq = 0;
+    {
+      absl::MutexLock lock(&mu_);
+      seq = last_seq_;
+    }
+    Close(absl::CancelledError("the client cancelled the stream"), seq);
+  }
+
+  void OnDone() override {
+    {
+      absl::MutexLock lock(&mu_);
+      done_ = true;
+    }
+    self_.reset();  // the hub may still hold a reference; it drops it on the next offer
+  }
+
+ private:
+  WatchReactor(size_t max_queue, Convert convert, MakeCheckpoint checkpoint)
+      : max_queue_(max_queue), convert_(std::move(convert)), checkpoint_(std::move(checkpoint)) {}
+
+  bool Gone() {
+    absl::MutexLock lock(&mu_);
+    return done_ || finish_requested_;
+  }
+
+  bool Enqueue(Response response, std::int64_t seq) {
+    Response* start = nullptr;
+    {
+      absl::MutexLock lock(&mu_);
+      if (done_ || finish_requested_) return false;
+      if (queue_.size() >= max_queue_) {
+        finish_requested_ = true;
+        final_status_ = ToGrpcStatus(WithErrorInfo(
+            absl::ResourceExhaustedError(
+                "the stream fell too far behind; resume from the last cursor received"),
+            "SLOW_CONSUMER", {{"cursor", EncodeCursor(last_seq_)}}));
+        return false;  // the write in flight finishes the stream
+      }
+      queue_.push_back(std::move(response));
+      last_seq_ = seq;
+      if (!writing_) {
+        writing_ = true;
+        start = &queue_.front();
+      }
+    }
+    // A deque keeps element addresses stable while others are pushed at the back.
+    if (start != nullptr) this->StartWrite(start);
+    return true;
+  }
+
+  const size_t max_queue_;
+  Convert convert_;
+  MakeCheckpoint checkpoint_;
+  std::shared_ptr<WatchReactor> self_;
+  absl::Mutex mu_;
+  std::deque<Response> queue_;  // front is in flight while writing_
+  bool writing_ = false;
+  bool finish_requested_ = false;
+  bool done_ = false;
+  std::int64_t last_seq_ = 0;
+  grpc::Status final_status_;
+};
+
+}  // namespace modelvault::server
