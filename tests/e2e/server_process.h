@@ -1,0 +1,61 @@
+#pragma once
+
+#include <sys/types.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+
+// Real `modelvault` processes for end-to-end tests: spawned on a free
+// loopback port (the server binds port 0 and writes the port to a file),
+// logs captured to a file, stopped with a signal.
+namespace modelvault::testing {
+
+// Paths baked in by CMake.
+std::string ModelvaultBinary();
+std::string SourceDir();
+
+// Runs `modelvault ARGS...` to completion; returns exit code and output.
+struct CommandResult {
+  int exit_code = -1;
+  std::string output;  // stdout and stderr together
+};
+CommandResult RunModelvault(const std::vector<std::string>& args);
+// Runs a shell command line; returns exit code and output.
+CommandResult RunShell(const std::string& command);
+
+class ServerProcess final {
+ public:
+  // Starts `modelvault serve --database URL --listen 127.0.0.1:0 EXTRA...`
+  // and waits until it listens (or fails with its log in the status).
+  static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
+      const std::string& database_url, const std::vector<std::string>& extra_args = {});
+  ~ServerProcess();
+
+  const std::string& target() const { return target_; }  // 127.0.0.1:PORT
+  int port() const { return port_; }
+  pid_t pid() const { return pid_; }
+  std::shared_ptr<grpc::Channel> Channel() const;
+  std::string Log() const;
+
+  // Sends `signal` and waits up to `timeout`; returns the exit code, or -1
+  // after killing it when it did not exit in time.
+  int Stop(int signal, absl::Duration timeout = absl::Seconds(30));
+  bool running() const { return pid_ > 0; }
+
+ private:
+  ServerProcess() = default;
+  pid_t pid_ = -1;
+  int port_ = 0;
+  std::string target_;
+  std::string dir_;
+};
+
+// A fresh temporary directory (removed by the caller or left for debugging).
+std::string MakeTempDir();
+
+}  // namespace modelvault::testing
