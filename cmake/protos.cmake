@@ -38,7 +38,7 @@ function(mv_compile_proto rel root with_grpc)
   endif()
   add_custom_command(
     OUTPUT ${outs}
-    COMMAND protobuf::protoc ${args} -I${CMAKE_SOURCE_DIR}/proto -I${MV_GOOGLEAPIS_DIR}
+    COMMAND protobuf::protoc ${args} -I${root} -I${CMAKE_SOURCE_DIR}/proto -I${MV_GOOGLEAPIS_DIR}
             -I${Protobuf_INCLUDE_DIR} ${rel}
     WORKING_DIRECTORY ${root}
     DEPENDS ${root}/${rel} protobuf::protoc
@@ -51,6 +51,13 @@ endfunction()
 foreach(p ${MV_GOOGLEAPIS_PROTOS})
   mv_compile_proto(${p} ${MV_GOOGLEAPIS_DIR} OFF)
 endforeach()
+# grpc.health.v1 from Debian's grpc-proto: gRPC's built-in health service has
+# no descriptor of its own, and reflection clients (buf curl, grpcurl) need one.
+set(MV_GRPC_PROTO_DIR /usr/share/grpc-proto)
+if(NOT EXISTS ${MV_GRPC_PROTO_DIR}/grpc/health/v1/health.proto)
+  message(FATAL_ERROR "Missing ${MV_GRPC_PROTO_DIR}: run scripts/install-deps.sh")
+endif()
+mv_compile_proto(grpc/health/v1/health.proto ${MV_GRPC_PROTO_DIR} OFF)
 foreach(p ${MV_OWN_PROTOS})
   mv_compile_proto(${p} ${CMAKE_SOURCE_DIR}/proto ON)
 endforeach()
