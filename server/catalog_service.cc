@@ -52,13 +52,13 @@ void CheckModel(const google::protobuf::Message& message, absl::string_view pref
     // providers/{p}/models/{m} and providers/{p}/modelFamilies/{f}
     const std::string provider = model.name().substr(0, model.name().find("/models/"));
     if (!absl::StartsWith(model.family(), provider + "/modelFamilies/")) {
-      out.push_back({absl::StrCat(prefix, "family"),
-                     absl::StrCat("must be a model family of ", provider)});
+      out.push_back(
+          {absl::StrCat(prefix, "family"), absl::StrCat("must be a model family of ", provider)});
     }
   }
   if (model.prices_size() > kMaxPrices) {
-    out.push_back({absl::StrCat(prefix, "prices"), absl::StrCat("holds at most ", kMaxPrices,
-                                                                " entries")});
+    out.push_back(
+        {absl::StrCat(prefix, "prices"), absl::StrCat("holds at most ", kMaxPrices, " entries")});
   }
   std::set<std::pair<std::int64_t, std::int32_t>> seen;
   for (int i = 0; i < model.prices_size(); ++i) {
@@ -74,21 +74,21 @@ absl::StatusOr<v1::ModelPrice> PriceAt(const v1::Model& model, absl::Time time) 
   const v1::ModelPrice* best = nullptr;
   const auto at = TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(time));
   for (const v1::ModelPrice& p : model.prices()) {
-    if (p.effective_time() <= at && (best == nullptr || p.effective_time() > best->effective_time())) {
+    if (p.effective_time() <= at &&
+        (best == nullptr || p.effective_time() > best->effective_time())) {
       best = &p;
     }
   }
   if (best == nullptr) {
-    return absl::NotFoundError(absl::StrCat(model.name(), " has no price in force at ",
-                                            absl::FormatTime(absl::RFC3339_full, time,
-                                                             absl::UTCTimeZone())));
+    return absl::NotFoundError(
+        absl::StrCat(model.name(), " has no price in force at ",
+                     absl::FormatTime(absl::RFC3339_full, time, absl::UTCTimeZone())));
   }
   return *best;
 }
 
-CatalogService::CatalogService(ResourceMethods& methods, CatalogCache& cache, ChangeHub& hub,
-                               Executor& executor)
-    : methods_(methods), cache_(cache), hub_(hub), executor_(executor) {}
+CatalogService::CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor)
+    : methods_(methods), hub_(hub), executor_(executor) {}
 
 CatalogService::Reactor* CatalogService::Done(Ctx* c, const absl::Status& status) {
   Reactor* reactor = c->DefaultReactor();
@@ -99,11 +99,10 @@ CatalogService::Reactor* CatalogService::Done(Ctx* c, const absl::Status& status
 template <typename Work>
 CatalogService::Reactor* CatalogService::Offload(Ctx* c, Work work) {
   Reactor* reactor = c->DefaultReactor();
-  if (!executor_.Submit([reactor, work = std::move(work)]() mutable {
-        reactor->Finish(ToGrpcStatus(work()));
-      })) {
-    reactor->Finish(ToGrpcStatus(
-        absl::ResourceExhaustedError("the server is overloaded; retry with backoff")));
+  if (!executor_.Submit(
+          [reactor, work = std::move(work)]() mutable { reactor->Finish(ToGrpcStatus(work())); })) {
+    reactor->Finish(
+        ToGrpcStatus(absl::ResourceExhaustedError("the server is overloaded; retry with backoff")));
   }
   return reactor;
 }
@@ -113,8 +112,8 @@ CatalogService::Reactor* CatalogService::Offload(Ctx* c, Work work) {
 CatalogService::Reactor* CatalogService::CreateProvider(Ctx* c, const v1::CreateProviderRequest* r,
                                                         v1::Provider* o) {
   return Offload(c, [=, this] {
-    return methods_.Create(CreateCall{r, "", false, r->provider_id(), "provider_id",
-                                      &r->provider(), "provider", r->request_id()},
+    return methods_.Create(CreateCall{r, "", false, r->provider_id(), "provider_id", &r->provider(),
+                                      "provider", r->request_id()},
                            o);
   });
 }
@@ -142,7 +141,7 @@ CatalogService::Reactor* CatalogService::UpdateProvider(Ctx* c, const v1::Update
 }
 
 CatalogService::Reactor* CatalogService::DeleteProvider(Ctx* c, const v1::DeleteProviderRequest* r,
-                                                        google::protobuf::Empty*) {
+                                                        google::protobuf::Empty* /*response*/) {
   return Offload(c, [=, this] {
     return methods_.Delete(
         DeleteCall{r, v1::Provider::descriptor(), r->name(), r->etag(), r->request_id()});
@@ -155,9 +154,8 @@ CatalogService::Reactor* CatalogService::CreateModelFamily(Ctx* c,
                                                            const v1::CreateModelFamilyRequest* r,
                                                            v1::ModelFamily* o) {
   return Offload(c, [=, this] {
-    return methods_.Create(CreateCall{r, r->parent(), true, r->model_family_id(),
-                                      "model_family_id", &r->model_family(), "model_family",
-                                      r->request_id()},
+    return methods_.Create(CreateCall{r, r->parent(), true, r->model_family_id(), "model_family_id",
+                                      &r->model_family(), "model_family", r->request_id()},
                            o);
   });
 }
@@ -171,8 +169,8 @@ CatalogService::Reactor* CatalogService::ListModelFamilies(Ctx* c,
                                                            const v1::ListModelFamiliesRequest* r,
                                                            v1::ListModelFamiliesResponse* o) {
   return Offload(c, [=, this] {
-    return methods_.List(ListCall{v1::ModelFamily::descriptor(), r->parent(), true,
-                                  r->page_size(), r->page_token(), r->filter(), r->order_by()},
+    return methods_.List(ListCall{v1::ModelFamily::descriptor(), r->parent(), true, r->page_size(),
+                                  r->page_token(), r->filter(), r->order_by()},
                          o);
   });
 }
@@ -188,7 +186,7 @@ CatalogService::Reactor* CatalogService::UpdateModelFamily(Ctx* c,
 
 CatalogService::Reactor* CatalogService::DeleteModelFamily(Ctx* c,
                                                            const v1::DeleteModelFamilyRequest* r,
-                                                           google::protobuf::Empty*) {
+                                                           google::protobuf::Empty* /*response*/) {
   return Offload(c, [=, this] {
     return methods_.Delete(
         DeleteCall{r, v1::ModelFamily::descriptor(), r->name(), r->etag(), r->request_id()});
@@ -200,8 +198,8 @@ CatalogService::Reactor* CatalogService::DeleteModelFamily(Ctx* c,
 CatalogService::Reactor* CatalogService::CreateModel(Ctx* c, const v1::CreateModelRequest* r,
                                                      v1::Model* o) {
   return Offload(c, [=, this] {
-    return methods_.Create(CreateCall{r, r->parent(), true, r->model_id(), "model_id",
-                                      &r->model(), "model", r->request_id()},
+    return methods_.Create(CreateCall{r, r->parent(), true, r->model_id(), "model_id", &r->model(),
+                                      "model", r->request_id()},
                            o);
   });
 }
@@ -229,7 +227,7 @@ CatalogService::Reactor* CatalogService::UpdateModel(Ctx* c, const v1::UpdateMod
 }
 
 CatalogService::Reactor* CatalogService::DeleteModel(Ctx* c, const v1::DeleteModelRequest* r,
-                                                     google::protobuf::Empty*) {
+                                                     google::protobuf::Empty* /*response*/) {
   return Offload(c, [=, this] {
     return methods_.Delete(
         DeleteCall{r, v1::Model::descriptor(), r->name(), r->etag(), r->request_id()});
@@ -244,8 +242,9 @@ CatalogService::Reactor* CatalogService::ResolveModelPrice(Ctx* c,
     if (absl::IsInvalidArgument(s)) s = InvalidField("model", std::string(s.message()));
     return Done(c, s);
   }
-  const absl::Time at = r->has_time() ? absl::FromUnixMicros(TimeUtil::TimestampToMicroseconds(r->time()))
-                                      : absl::Now();
+  const absl::Time at = r->has_time()
+                            ? absl::FromUnixMicros(TimeUtil::TimestampToMicroseconds(r->time()))
+                            : absl::Now();
   absl::StatusOr<v1::ModelPrice> price = PriceAt(model, at);
   if (!price.ok()) return Done(c, price.status());
   o->set_model(model.name());
@@ -271,7 +270,8 @@ grpc::ServerWriteReactor<v1::WatchCatalogResponse>* CatalogService::WatchCatalog
       status = seq.status();
     }
   }
-  const int interval = r->checkpoint_interval_seconds() == 0 ? 10 : r->checkpoint_interval_seconds();
+  const int interval =
+      r->checkpoint_interval_seconds() == 0 ? 10 : r->checkpoint_interval_seconds();
   if (status.ok() && (interval < 1 || interval > 300)) {
     status = InvalidField("checkpoint_interval_seconds", "must be between 1 and 300");
   }

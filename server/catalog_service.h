@@ -1,7 +1,6 @@
 #pragma once
 
 #include "modelvault/v1/catalog.grpc.pb.h"
-#include "server/catalog_cache.h"
 #include "server/change_hub.h"
 #include "server/executor.h"
 #include "server/resource_methods.h"
@@ -13,8 +12,7 @@ namespace modelvault::server {
 // database runs on the executor, never on gRPC's threads.
 class CatalogService final : public modelvault::v1::CatalogService::CallbackService {
  public:
-  CatalogService(ResourceMethods& methods, CatalogCache& cache, ChangeHub& hub,
-                 Executor& executor);
+  CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor);
 
   using Ctx = grpc::CallbackServerContext;
   using Reactor = grpc::ServerUnaryReactor;
@@ -41,7 +39,8 @@ class CatalogService final : public modelvault::v1::CatalogService::CallbackServ
   Reactor* GetModel(Ctx* c, const v1::GetModelRequest* r, v1::Model* o) override;
   Reactor* ListModels(Ctx* c, const v1::ListModelsRequest* r, v1::ListModelsResponse* o) override;
   Reactor* UpdateModel(Ctx* c, const v1::UpdateModelRequest* r, v1::Model* o) override;
-  Reactor* DeleteModel(Ctx* c, const v1::DeleteModelRequest* r, google::protobuf::Empty* o) override;
+  Reactor* DeleteModel(Ctx* c, const v1::DeleteModelRequest* r,
+                       google::protobuf::Empty* o) override;
 
   Reactor* ResolveModelPrice(Ctx* c, const v1::ResolveModelPriceRequest* r,
                              v1::ResolveModelPriceResponse* o) override;
@@ -56,14 +55,13 @@ class CatalogService final : public modelvault::v1::CatalogService::CallbackServ
   Reactor* Done(Ctx* c, const absl::Status& status);
 
   ResourceMethods& methods_;
-  CatalogCache& cache_;
   ChangeHub& hub_;
   Executor& executor_;
 };
 
 // Checks of models beyond the descriptor rules: the family belongs to the
 // same provider; at most 64 prices with distinct effective times.
-void CheckModel(const google::protobuf::Message& model, absl::string_view prefix,
+void CheckModel(const google::protobuf::Message& message, absl::string_view prefix,
                 std::vector<FieldViolation>& out);
 
 // The price in force at `time`: the entry with the latest effective_time at

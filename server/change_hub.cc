@@ -55,8 +55,8 @@ void ChangeHub::Subscribe(std::shared_ptr<ChangeSink> sink, std::optional<std::i
                 after_seq.value_or(head_));
     return;
   }
-  pending_.push_back(Subscription{std::move(sink), after_seq, false, checkpoint_interval,
-                                  absl::Now()});
+  pending_.push_back(
+      Subscription{std::move(sink), after_seq, false, checkpoint_interval, absl::Now()});
   poked_ = true;
 }
 
@@ -68,7 +68,8 @@ bool ChangeHub::CatchUp(Subscription& sub) {
     return sub.sink->OfferCheckpoint(head, absl::Now());
   }
   // Validate the cursor against what the database retains.
-  std::int64_t first = 0, last = 0;
+  std::int64_t first = 0;
+  std::int64_t last = 0;
   absl::Status status = datastore_.Read([&](storage::Reader& reader) -> absl::Status {
     absl::StatusOr<std::int64_t> f = reader.FirstChangeSeq();
     if (!f.ok()) return f.status();

@@ -64,12 +64,13 @@ std::string Flags::Get(absl::string_view name, absl::string_view fallback) const
   return std::string(fallback);
 }
 
-bool Flags::Has(absl::string_view name) const { return values_.count(name) > 0; }
+bool Flags::Has(absl::string_view name) const { return values_.find(name) != values_.end(); }
 
 absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& args) {
   absl::StatusOr<Flags> flags =
-      Flags::Parse(args, {"listen", "database", "migrate", "log-level", "log-format",
-                          "shutdown-timeout", "port-file", "db-pool", "workers", "feed-poll-ms"},
+      Flags::Parse(args,
+                   {"listen", "database", "migrate", "log-level", "log-format", "shutdown-timeout",
+                    "port-file", "db-pool", "workers", "feed-poll-ms"},
                    {"migrate"});
   if (!flags.ok()) return flags.status();
   if (!flags->positional().empty()) {
@@ -94,7 +95,8 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
     }
     return absl::OkStatus();
   };
-  int seconds = 0, poll_ms = 0;
+  int seconds = 0;
+  int poll_ms = 0;
   for (absl::Status s : {number("shutdown-timeout", 10, 0, 3600, seconds),
                          number("db-pool", 8, 1, 256, config.pool_size),
                          number("workers", 8, 1, 256, config.executor_threads),

@@ -40,8 +40,8 @@ struct ServeConfig {
   LogLevel log_level = LogLevel::kInfo;
   LogFormat log_format = LogFormat::kText;
   absl::Duration shutdown_timeout = absl::Seconds(10);
-  bool migrate = true;                 // default: on for SQLite, off for PostgreSQL
-  std::string port_file;               // write the bound port here (tests)
+  bool migrate = true;    // default: on for SQLite, off for PostgreSQL
+  std::string port_file;  // write the bound port here (tests)
   int executor_threads = 8;
   int pool_size = 8;
   absl::Duration feed_poll = absl::Milliseconds(200);

@@ -17,7 +17,6 @@ std::string EncodeCursor(std::int64_t seq) {
 absl::StatusOr<std::int64_t> DecodeCursor(absl::string_view cursor) {
   std::string raw;
   std::int64_t seq = 0;
-  absl::string_view rest;
   if (cursor.size() > 64 || !absl::WebSafeBase64Unescape(cursor, &raw) ||
       !absl::StartsWith(raw, kPrefix) ||
       !absl::SimpleAtoi(absl::string_view(raw).substr(kPrefix.size()), &seq) || seq < 0) {

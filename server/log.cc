@@ -21,10 +21,18 @@ std::string JsonEscape(absl::string_view s) {
   std::string out;
   for (char c : s) {
     switch (c) {
-      case '"': out += "\\\""; break;
-      case '\\': out += "\\\\"; break;
-      case '\n': out += "\\n"; break;
-      case '\t': out += "\\t"; break;
+      case '"':
+        out += "\\\"";
+        break;
+      case '\\':
+        out += "\\\\";
+        break;
+      case '\n':
+        out += "\\n";
+        break;
+      case '\t':
+        out += "\\t";
+        break;
       default:
         if (static_cast<unsigned char>(c) < 0x20) {
           absl::StrAppend(&out, "\\u00", absl::Hex(c, absl::kZeroPad2));
@@ -73,7 +81,8 @@ void Log(LogLevel level, absl::string_view message,
   if (g_format == LogFormat::kJson) {
     line = absl::StrCat("{\"time\":\"", time, "\",\"level\":\"", kNames[static_cast<int>(level)],
                         "\",\"msg\":\"", JsonEscape(message), "\"");
-    for (const auto& [k, v] : fields) absl::StrAppend(&line, ",\"", k, "\":\"", JsonEscape(v), "\"");
+    for (const auto& [k, v] : fields)
+      absl::StrAppend(&line, ",\"", k, "\":\"", JsonEscape(v), "\"");
     line += "}\n";
   } else {
     line = absl::StrCat(time, " ", absl::AsciiStrToUpper(kNames[static_cast<int>(level)]), " ",

@@ -75,10 +75,10 @@ int Migrate(const std::vector<std::string>& args) {
   for (const auto& s : *states) {
     std::cout << absl::StrCat(
                      s.migration.name, "  ",
-                     !s.known          ? "applied, unknown to this binary"
-                     : !s.applied      ? "pending"
-                     : !s.checksum_ok  ? "applied, EDITED since (checksum differs)"
-                                       : "applied",
+                     !s.known         ? "applied, unknown to this binary"
+                     : !s.applied     ? "pending"
+                     : !s.checksum_ok ? "applied, EDITED since (checksum differs)"
+                                      : "applied",
                      s.applied_time ? absl::StrCat("  ", absl::FormatTime(*s.applied_time)) : "")
               << "\n";
   }

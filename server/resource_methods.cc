@@ -50,8 +50,8 @@ absl::Status ParentViolation(const storage::ResourceSchema& schema, absl::string
 
 }  // namespace
 
-ResourceMethods::ResourceMethods(storage::ResourceStore& store, CatalogCache& cache,
-                                 ChangeHub& hub, std::string principal)
+ResourceMethods::ResourceMethods(storage::ResourceStore& store, CatalogCache& cache, ChangeHub& hub,
+                                 std::string principal)
     : store_(store), cache_(cache), hub_(hub), principal_(std::move(principal)) {}
 
 void ResourceMethods::SetHooks(const Descriptor* type, ResourceHooks hooks) {

@@ -18,6 +18,7 @@
 #include "server/catalog_service.h"
 #include "server/change_hub.h"
 #include "server/executor.h"
+#include "server/interceptors.h"
 #include "server/log.h"
 #include "server/resource_methods.h"
 #include "storage/migrate.h"
@@ -112,14 +113,15 @@ absl::Status RunServer(const ServeConfig& config) {
   Executor executor(config.executor_threads, 4096);
   // Authentication arrives with access keys; until then calls are anonymous.
   ResourceMethods methods(store, cache, hub, "anonymous");
-  methods.SetHooks(v1::Model::descriptor(),
-                   ResourceHooks{CheckModel, [](google::protobuf::Message& m, absl::string_view id) {
-                                   auto& model = static_cast<v1::Model&>(m);
-                                   if (model.upstream_id().empty()) {
-                                     model.set_upstream_id(std::string(id));
-                                   }
-                                 }});
-  CatalogService catalog(methods, cache, hub, executor);
+  methods.SetHooks(
+      v1::Model::descriptor(),
+      ResourceHooks{CheckModel, [](google::protobuf::Message& m, absl::string_view id) {
+                      auto& model = static_cast<v1::Model&>(m);
+                      if (model.upstream_id().empty()) {
+                        model.set_upstream_id(std::string(id));
+                      }
+                    }});
+  CatalogService catalog(methods, hub, executor);
 
   // Reflection describes the built-in health service from this descriptor.
   (void)grpc::health::v1::HealthCheckRequest::descriptor();
@@ -130,6 +132,9 @@ absl::Status RunServer(const ServeConfig& config) {
   builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(),
                            absl::StartsWith(config.listen, "unix:") ? nullptr : &port);
   builder.RegisterService(&catalog);
+  std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+  interceptors.push_back(std::make_unique<BadRequestInterceptorFactory>());
+  builder.experimental().SetInterceptorCreators(std::move(interceptors));
   builder.SetMaxReceiveMessageSize(config.max_message_bytes);
   builder.SetMaxSendMessageSize(config.max_message_bytes);
   // Reject clients that ping more often than every 10 s without calls.
@@ -142,7 +147,8 @@ absl::Status RunServer(const ServeConfig& config) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
   }
   std::string address = config.listen;
-  if (port > 0) address = absl::StrCat(config.listen.substr(0, config.listen.rfind(':')), ":", port);
+  if (port > 0)
+    address = absl::StrCat(config.listen.substr(0, config.listen.rfind(':')), ":", port);
   if (!config.port_file.empty()) {
     std::ofstream(config.port_file) << port << "\n";
   }

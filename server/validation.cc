@@ -4,8 +4,8 @@
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
-#include "absl/strings/strip.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/strip.h"
 #include "google/api/field_behavior.pb.h"
 #include "google/api/resource.pb.h"
 #include "google/protobuf/timestamp.pb.h"
@@ -29,8 +29,9 @@ bool HasBehavior(const FieldDescriptor* f, google::api::FieldBehavior behavior) 
 }
 
 size_t CodePoints(absl::string_view text) {
-  return static_cast<size_t>(std::count_if(
-      text.begin(), text.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; }));
+  return static_cast<size_t>(std::count_if(text.begin(), text.end(), [](char c) {
+    return (static_cast<unsigned char>(c) & 0xC0) != 0x80;
+  }));
 }
 
 bool IsUrl(absl::string_view url) {
@@ -87,8 +88,9 @@ void CheckField(const Message& message, const FieldDescriptor* f, const std::str
   switch (f->cpp_type()) {
     case FieldDescriptor::CPPTYPE_STRING: {
       std::string scratch;
-      const std::string& value = index < 0 ? r->GetStringReference(message, f, &scratch)
-                                           : r->GetRepeatedStringReference(message, f, index, &scratch);
+      const std::string& value = index < 0
+                                     ? r->GetStringReference(message, f, &scratch)
+                                     : r->GetRepeatedStringReference(message, f, index, &scratch);
       CheckString(f, path, value, rules, out);
       break;
     }
@@ -115,8 +117,8 @@ void CheckField(const Message& message, const FieldDescriptor* f, const std::str
       break;
     }
     case FieldDescriptor::CPPTYPE_MESSAGE: {
-      const Message& sub = index < 0 ? r->GetMessage(message, f)
-                                     : r->GetRepeatedMessage(message, f, index);
+      const Message& sub =
+          index < 0 ? r->GetMessage(message, f) : r->GetRepeatedMessage(message, f, index);
       if (f->message_type()->full_name() == "google.protobuf.Timestamp") {
         const auto& ts = static_cast<const google::protobuf::Timestamp&>(sub);
         if (ts.seconds() < kMinSeconds || ts.seconds() > kMaxSeconds || ts.nanos() < 0 ||
@@ -210,9 +212,8 @@ void ValidateId(absl::string_view field, absl::string_view id, std::vector<Field
 }
 
 void ValidateRequestId(absl::string_view request_id, std::vector<FieldViolation>& out) {
-  if (request_id.size() > 128 ||
-      !std::all_of(request_id.begin(), request_id.end(),
-                   [](char c) { return c > 0x20 && c < 0x7f; })) {
+  if (request_id.size() > 128 || !std::all_of(request_id.begin(), request_id.end(),
+                                              [](char c) { return c > 0x20 && c < 0x7f; })) {
     out.push_back({"request_id", "must be at most 128 printable ASCII characters"});
   }
 }

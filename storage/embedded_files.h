@@ -1,6 +1,7 @@
 #pragma once
 
 #include <map>
+
 #include "absl/strings/string_view.h"
 
 namespace modelvault {

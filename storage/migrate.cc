@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <map>
 
+#include "absl/cleanup/cleanup.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -47,8 +48,8 @@ absl::StatusOr<std::unique_ptr<Connection>> Connect(absl::string_view url) {
     conn->session.open(std::string(conn->dialect->engine()), conn->dialect->ConnectString(url));
     conn->dialect->OnConnect(conn->session);
   } catch (const soci::soci_error& e) {
-    return absl::UnavailableError(absl::StrCat("cannot connect to the database: ",
-                                               conn->dialect->MapError(e).message()));
+    return absl::UnavailableError(
+        absl::StrCat("cannot connect to the database: ", conn->dialect->MapError(e).message()));
   }
   return conn;
 }
@@ -59,13 +60,13 @@ absl::StatusOr<std::map<std::int64_t, Applied>> ReadApplied(Connection& conn) {
   std::string table = "schema_version";
   conn.session << conn.dialect->TableExistsQuery(), soci::use(table), soci::into(exists);
   if (exists == 0) return applied;
-  long long version = 0, micros = 0;  // NOLINT(google-runtime-int)
+  long long version = 0;  // NOLINT(google-runtime-int)
+  long long micros = 0;   // NOLINT(google-runtime-int)
   Applied row;
-  soci::statement st = (conn.session.prepare
-                            << "SELECT version, name, checksum, applied_time FROM schema_version "
+  soci::statement st =
+      (conn.session.prepare << "SELECT version, name, checksum, applied_time FROM schema_version "
                                "ORDER BY version",
-                        soci::into(version), soci::into(row.name), soci::into(row.checksum),
-                        soci::into(micros));
+       soci::into(version), soci::into(row.name), soci::into(row.checksum), soci::into(micros));
   st.execute();
   while (st.fetch()) {
     row.applied_micros = micros;
@@ -77,13 +78,16 @@ absl::StatusOr<std::map<std::int64_t, Applied>> ReadApplied(Connection& conn) {
 // Checks that what is applied is a prefix of what the binary knows, unedited.
 absl::Status Verify(const std::vector<Migration>& known,
                     const std::map<std::int64_t, Applied>& applied) {
-  for (const auto& [version, row] : applied) {
+  for (const auto& entry : applied) {
+    const std::int64_t version = entry.first;
+    const Applied& row = entry.second;
     auto it = std::find_if(known.begin(), known.end(),
-                           [&](const Migration& m) { return m.version == version; });
+                           [version](const Migration& m) { return m.version == version; });
     if (it == known.end()) {
-      return absl::FailedPreconditionError(absl::StrCat(
-          "the database has migration ", row.name, ", which this binary does not know (it knows up to ",
-          known.empty() ? 0 : known.back().version, "): upgrade modelvault"));
+      return absl::FailedPreconditionError(
+          absl::StrCat("the database has migration ", row.name,
+                       ", which this binary does not know (it knows up to ",
+                       known.empty() ? 0 : known.back().version, "): upgrade modelvault"));
     }
     if (it->checksum != row.checksum) {
       return absl::FailedPreconditionError(
@@ -206,15 +210,13 @@ absl::Status Migrator::Up(std::optional<std::int64_t> target) {
   Connection& c = **conn;
   return Guarded(c, [&]() -> absl::Status {
     c.dialect->LockMigrations(c.session);
-    struct Unlock {
-      Connection& c;
-      ~Unlock() {
-        try {
-          c.dialect->UnlockMigrations(c.session);
-        } catch (const soci::soci_error&) {
-        }
+    absl::Cleanup unlock = [&c] {
+      try {
+        c.dialect->UnlockMigrations(c.session);
+      } catch (const soci::soci_error&) {
+        // The lock dies with the connection anyway.
       }
-    } unlock{c};
+    };
     c.session << std::string(kCreateVersionTable);
     absl::StatusOr<std::map<std::int64_t, Applied>> applied = ReadApplied(c);
     if (!applied.ok()) return applied.status();
@@ -223,7 +225,7 @@ absl::Status Migrator::Up(std::optional<std::int64_t> target) {
       if (target.has_value() && m.version > *target) break;
       if (applied->count(m.version) > 0) continue;
       c.session << std::string(c.dialect->BeginWrite());
-      long long done = 0;  // NOLINT(google-runtime-int)
+      long long done = 0;             // NOLINT(google-runtime-int)
       long long version = m.version;  // NOLINT(google-runtime-int)
       c.session << "SELECT COUNT(*) FROM schema_version WHERE version = :v", soci::use(version),
           soci::into(done);
@@ -248,15 +250,13 @@ absl::Status Migrator::Down(int steps) {
   Connection& c = **conn;
   return Guarded(c, [&]() -> absl::Status {
     c.dialect->LockMigrations(c.session);
-    struct Unlock {
-      Connection& c;
-      ~Unlock() {
-        try {
-          c.dialect->UnlockMigrations(c.session);
-        } catch (const soci::soci_error&) {
-        }
+    absl::Cleanup unlock = [&c] {
+      try {
+        c.dialect->UnlockMigrations(c.session);
+      } catch (const soci::soci_error&) {
+        // The lock dies with the connection anyway.
       }
-    } unlock{c};
+    };
     absl::StatusOr<std::map<std::int64_t, Applied>> applied = ReadApplied(c);
     if (!applied.ok()) return applied.status();
     if (absl::Status s = Verify(migrations_, *applied); !s.ok()) return s;
@@ -292,10 +292,11 @@ absl::StatusOr<std::vector<MigrationState>> Migrator::Status() {
       }
       out.push_back(std::move(state));
     }
-    for (const auto& [version, row] : *applied) {
-      if (version <= LatestVersion() &&
-          std::any_of(migrations_.begin(), migrations_.end(),
-                      [&](const Migration& m) { return m.version == version; })) {
+    for (const auto& entry : *applied) {
+      const std::int64_t version = entry.first;
+      const Applied& row = entry.second;
+      if (std::any_of(migrations_.begin(), migrations_.end(),
+                      [version](const Migration& m) { return m.version == version; })) {
         continue;
       }
       MigrationState state;

@@ -3,11 +3,11 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 
 namespace modelvault::storage {
@@ -28,8 +28,8 @@ absl::StatusOr<std::vector<Migration>> EmbeddedMigrations(absl::string_view engi
 struct MigrationState {
   Migration migration;  // the binary's copy; only version/name for unknown ones
   bool applied = false;
-  bool known = true;          // the binary has this migration
-  bool checksum_ok = true;    // the applied checksum matches the binary's
+  bool known = true;        // the binary has this migration
+  bool checksum_ok = true;  // the applied checksum matches the binary's
   std::optional<absl::Time> applied_time;
 };
 

@@ -46,8 +46,8 @@ std::string PageTokenCodec::Encode(absl::string_view query_digest,
   return absl::WebSafeBase64Escape(body);
 }
 
-absl::StatusOr<std::vector<SqlValue>> PageTokenCodec::Decode(
-    absl::string_view token, absl::string_view query_digest) const {
+absl::StatusOr<std::vector<SqlValue>> PageTokenCodec::Decode(absl::string_view token,
+                                                             absl::string_view query_digest) const {
   std::string raw;
   if (token.size() > 8192 || !absl::WebSafeBase64Unescape(token, &raw) ||
       raw.size() < 1 + query_digest.size() + crypto_auth_BYTES) {

@@ -113,8 +113,8 @@ absl::StatusOr<std::int64_t> Record(ReadWriteTx& tx, const MutationContext& ctx,
                                     const char* change_type) {
   absl::StatusOr<std::string> json = ToJson(resource);
   if (!json.ok()) return json.status();
-  ChangeRecord change{0,         ctx.now,        schema.type(), NameOf(resource), change_type,
-                      ctx.principal, ctx.request_id, *std::move(json)};
+  ChangeRecord change{0,           ctx.now,       schema.type(),  NameOf(resource),
+                      change_type, ctx.principal, ctx.request_id, *std::move(json)};
   if (absl::Status s = tx.AppendChange(change); !s.ok()) return s;
   return change.seq;
 }
@@ -155,14 +155,17 @@ absl::StatusOr<std::string> Dependents(ReadWriteTx& tx, const ResourceSchema& sc
       absl::StatusOr<std::int64_t> n = tx.CountWhere(*other, column.name, name);
       if (!n.ok()) return n.status();
       if (*n > 0) {
-        found.push_back(absl::StrCat(*n, " ", other->collections().back(), " (by ", column.name, ")"));
+        found.push_back(
+            absl::StrCat(*n, " ", other->collections().back(), " (by ", column.name, ")"));
       }
     }
   }
   return absl::StrJoin(found, ", ");
 }
 
-void FinishStored(StoredResource& stored) { SetString(*stored.message, "etag", EtagOf(stored.revision)); }
+void FinishStored(StoredResource& stored) {
+  SetString(*stored.message, "etag", EtagOf(stored.revision));
+}
 
 std::string QueryDigest(const ResourceSchema& schema, const ListRequest& r) {
   const std::string canonical = absl::StrCat(schema.type(), "\n", r.all_parents ? "-" : r.parent,
@@ -195,11 +198,13 @@ absl::StatusOr<MutationResult> ResourceStore::Create(const MutationContext& ctx,
       return absl::OkStatus();
     }
     if (!schema->parent_type().empty()) {
-      const ResourceSchema* parent_schema = SchemaRegistry::Default().ForType(schema->parent_type());
+      const ResourceSchema* parent_schema =
+          SchemaRegistry::Default().ForType(schema->parent_type());
       absl::StatusOr<StoredResource> p = tx.Get(*parent_schema, *parent);
       if (absl::IsNotFound(p.status())) {
-        return WithResourceInfo(absl::NotFoundError(absl::StrCat("parent ", *parent, " does not exist")),
-                                schema->parent_type(), *parent);
+        return WithResourceInfo(
+            absl::NotFoundError(absl::StrCat("parent ", *parent, " does not exist")),
+            schema->parent_type(), *parent);
       }
       if (!p.ok()) return p.status();
     }
@@ -284,10 +289,9 @@ absl::StatusOr<MutationResult> ResourceStore::Update(const MutationContext& ctx,
     if (!stored.ok()) return stored.status();
     const std::string etag = EtagField(patch);
     if (!etag.empty() && etag != EtagOf(stored->revision)) {
-      return WithErrorInfo(
-          absl::AbortedError(absl::StrCat(name, " changed since etag ", etag,
-                                          " was read; get it again and retry")),
-          "ETAG_MISMATCH", {{"resource", name}});
+      return WithErrorInfo(absl::AbortedError(absl::StrCat(name, " changed since etag ", etag,
+                                                           " was read; get it again and retry")),
+                           "ETAG_MISMATCH", {{"resource", name}});
     }
     Message& row = *stored->message;
     google::protobuf::util::FieldMaskUtil::MergeOptions options;
@@ -309,8 +313,7 @@ absl::StatusOr<MutationResult> ResourceStore::Update(const MutationContext& ctx,
 }
 
 absl::StatusOr<MutationResult> ResourceStore::Delete(const MutationContext& ctx,
-                                                     const Descriptor* type,
-                                                     absl::string_view name,
+                                                     const Descriptor* type, absl::string_view name,
                                                      absl::string_view etag) {
   const ResourceSchema* schema = SchemaOf(type);
   if (schema == nullptr) return absl::InternalError("not a stored resource");
@@ -356,8 +359,8 @@ absl::StatusOr<ListPage> ResourceStore::List(const Descriptor* type, const ListR
   if (schema == nullptr) return absl::InternalError("not a stored resource");
   if (request.page_size < 0) return InvalidField("page_size", "must not be negative");
   ListQuery query;
-  query.limit = request.page_size == 0 ? kDefaultPageSize
-                                       : std::min(request.page_size, kMaxPageSize);
+  query.limit =
+      request.page_size == 0 ? kDefaultPageSize : std::min(request.page_size, kMaxPageSize);
   if (!request.all_parents) query.parent = request.parent;
   query.filter = request.filter;
   absl::StatusOr<std::vector<OrderTerm>> order = schema->ParseOrderBy(request.order_by);

@@ -100,9 +100,8 @@ absl::StatusOr<std::unique_ptr<ResourceSchema>> ResourceSchema::Build(
     column.name = field->name();
     column.field = field;
     column.kind = *kind;
-    column.nullable =
-        *kind == ColumnKind::kTimestamp ||
-        rules.format() == modelvault::v1::FieldRules::FORMAT_RESOURCE_NAME;
+    column.nullable = *kind == ColumnKind::kTimestamp ||
+                      rules.format() == modelvault::v1::FieldRules::FORMAT_RESOURCE_NAME;
     column.filterable = rules.filterable();
     column.orderable = rules.orderable();
     schema->columns_.push_back(std::move(column));
@@ -143,8 +142,8 @@ absl::StatusOr<std::string> ResourceSchema::ParentOf(absl::string_view name) con
           " (ids: 1-63 of a-z 0-9 - . _, starting and ending with a letter or digit)"));
     }
   }
-  const size_t cut = name.size() - parts[parts.size() - 1].size() -
-                     parts[parts.size() - 2].size() - 2;
+  const size_t cut =
+      name.size() - parts[parts.size() - 1].size() - parts[parts.size() - 2].size() - 2;
   return parts.size() == 2 ? std::string() : std::string(name.substr(0, cut));
 }
 
@@ -176,9 +175,9 @@ absl::StatusOr<std::vector<OrderTerm>> ResourceSchema::ParseOrderBy(
           for (const Column& c : columns_) {
             if (c.orderable) allowed.push_back(c.name);
           }
-          return absl::InvalidArgumentError(absl::StrCat("order_by: cannot order by \"", words[0],
-                                                         "\"; allowed fields: ",
-                                                         absl::StrJoin(allowed, ", ")));
+          return absl::InvalidArgumentError(
+              absl::StrCat("order_by: cannot order by \"", words[0],
+                           "\"; allowed fields: ", absl::StrJoin(allowed, ", ")));
         }
       }
       for (const OrderTerm& seen : terms) {
@@ -198,9 +197,9 @@ absl::StatusOr<std::vector<OrderTerm>> ResourceSchema::ParseOrderBy(
 const SchemaRegistry& SchemaRegistry::Default() {
   static const SchemaRegistry* registry = [] {
     auto* r = new SchemaRegistry();
-    for (const Descriptor* d : {modelvault::v1::Provider::descriptor(),
-                                modelvault::v1::ModelFamily::descriptor(),
-                                modelvault::v1::Model::descriptor()}) {
+    for (const Descriptor* d :
+         {modelvault::v1::Provider::descriptor(), modelvault::v1::ModelFamily::descriptor(),
+          modelvault::v1::Model::descriptor()}) {
       absl::StatusOr<std::unique_ptr<ResourceSchema>> schema = ResourceSchema::Build(d);
       if (!schema.ok()) std::abort();  // a broken proto annotation is a build defect
       r->schemas_.push_back(*std::move(schema));

@@ -38,17 +38,16 @@ absl::Status WithFieldViolation(absl::Status status, std::string field, std::str
 }
 
 absl::Status WithErrorInfo(absl::Status status, absl::string_view reason,
-                           std::vector<std::pair<std::string, std::string>> metadata) {
+                           const std::vector<std::pair<std::string, std::string>>& metadata) {
   modelvault::v1::ErrorInfo info;
   info.set_reason(std::string(reason));
   info.set_domain(std::string(kErrorDomain));
-  for (auto& [k, v] : metadata) (*info.mutable_metadata())[k] = v;
+  for (const auto& [k, v] : metadata) (*info.mutable_metadata())[k] = v;
   status.SetPayload(kErrorInfoUrl, absl::Cord(info.SerializeAsString()));
   return status;
 }
 
-absl::Status WithResourceInfo(absl::Status status, absl::string_view type,
-                              absl::string_view name) {
+absl::Status WithResourceInfo(absl::Status status, absl::string_view type, absl::string_view name) {
   google::rpc::ResourceInfo info;
   info.set_resource_type(std::string(type));
   info.set_resource_name(std::string(name));

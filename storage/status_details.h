@@ -14,8 +14,7 @@ namespace modelvault {
 
 inline constexpr absl::string_view kBadRequestUrl = "type.googleapis.com/google.rpc.BadRequest";
 inline constexpr absl::string_view kErrorInfoUrl = "type.googleapis.com/modelvault.v1.ErrorInfo";
-inline constexpr absl::string_view kResourceInfoUrl =
-    "type.googleapis.com/google.rpc.ResourceInfo";
+inline constexpr absl::string_view kResourceInfoUrl = "type.googleapis.com/google.rpc.ResourceInfo";
 inline constexpr absl::string_view kErrorDomain = "modelvault.dev";
 
 struct FieldViolation {
@@ -34,11 +33,10 @@ absl::Status WithFieldViolation(absl::Status status, std::string field, std::str
 
 // Adds an ErrorInfo{reason, domain, metadata}.
 absl::Status WithErrorInfo(absl::Status status, absl::string_view reason,
-                           std::vector<std::pair<std::string, std::string>> metadata = {});
+                           const std::vector<std::pair<std::string, std::string>>& metadata = {});
 
 // Adds a ResourceInfo{resource_type, resource_name}.
-absl::Status WithResourceInfo(absl::Status status, absl::string_view type,
-                              absl::string_view name);
+absl::Status WithResourceInfo(absl::Status status, absl::string_view type, absl::string_view name);
 
 // The reason of an ErrorInfo payload, or "" (tests, clients).
 std::string ErrorReason(const absl::Status& status);

@@ -5,12 +5,12 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include "absl/strings/string_view.h"
 #include <vector>
 
 #include "absl/functional/function_ref.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "google/protobuf/message.h"
 #include "storage/filter.h"
@@ -78,8 +78,7 @@ class Reader {
 
   virtual absl::StatusOr<StoredResource> Get(const ResourceSchema& schema,
                                              absl::string_view name) = 0;
-  virtual absl::StatusOr<ListResult> List(const ResourceSchema& schema,
-                                          const ListQuery& query) = 0;
+  virtual absl::StatusOr<ListResult> List(const ResourceSchema& schema, const ListQuery& query) = 0;
   // Rows of `schema` whose `column` equals `value` (dependency checks).
   virtual absl::StatusOr<std::int64_t> CountWhere(const ResourceSchema& schema,
                                                   absl::string_view column,

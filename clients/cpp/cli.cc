@@ -78,7 +78,7 @@ int RunCatalogCommand(const std::string& noun, const std::vector<std::string>& a
       }
       const auto& price = m.prices().empty() ? v1::ModelPrice() : *m.prices().rbegin();
       std::printf("%-48s %-10lld %-10lld %-12s %s\n", m.name().c_str(),
-                  static_cast<long long>(m.context_window()),  // NOLINT(google-runtime-int)
+                  static_cast<long long>(m.context_window()),     // NOLINT(google-runtime-int)
                   static_cast<long long>(m.max_output_tokens()),  // NOLINT(google-runtime-int)
                   Dollars(price.input()).c_str(), Dollars(price.output()).c_str());
     }

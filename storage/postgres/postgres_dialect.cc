@@ -24,9 +24,7 @@ class PostgresDialect final : public Dialect {
     if (!absl::StrContains(rest, "connect_timeout")) absl::StrAppend(&rest, " connect_timeout=5");
     return rest;
   }
-  void OnConnect(soci::session& session) const override {
-    session << "SET TIME ZONE 'UTC'";
-  }
+  void OnConnect(soci::session& session) const override { session << "SET TIME ZONE 'UTC'"; }
   absl::string_view BeginWrite() const override { return "BEGIN"; }
   absl::string_view BeginRead() const override {
     return "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
@@ -61,14 +59,13 @@ class PostgresDialect final : public Dialect {
     if (state == "40001" || state == "40P01") {
       return absl::AbortedError("the transaction conflicted with another; retry it");
     }
-    if (absl::StartsWith(state, "08") || state == "57P01" || state == "57P02" ||
-        state == "57P03" || state == "53300" ||
-        error.get_error_category() == soci::soci_error::connection_error ||
+    if (absl::StartsWith(state, "08") || state == "57P01" || state == "57P02" || state == "57P03" ||
+        state == "53300" || error.get_error_category() == soci::soci_error::connection_error ||
         (pg == nullptr && absl::StrContains(error.what(), "connect"))) {
       return absl::UnavailableError("the database is unreachable");
     }
-    return absl::InternalError(absl::StrCat("database error (SQLSTATE ",
-                                            state.empty() ? "none" : state, ")"));
+    return absl::InternalError(
+        absl::StrCat("database error (SQLSTATE ", state.empty() ? "none" : state, ")"));
   }
 };
 

@@ -31,8 +31,8 @@ absl::StatusOr<std::string> FieldToJson(const Message& resource, const FieldDesc
 }  // namespace
 
 void Params::AddString(std::string name, std::string value, bool null) {
-  entries_.push_back(Entry{std::move(name), true, std::move(value), 0,
-                           null ? soci::i_null : soci::i_ok});
+  entries_.push_back(
+      Entry{std::move(name), true, std::move(value), 0, null ? soci::i_null : soci::i_ok});
 }
 
 void Params::AddInt(std::string name, std::int64_t value, bool null) {
@@ -67,8 +67,7 @@ void RowBuffer::BindTo(soci::statement& statement) {
   for (size_t i = 0; i < cells_.size(); ++i) {
     const ColumnKind kind = schema_.columns()[i].kind;
     Cell& cell = cells_[i];
-    if (kind == ColumnKind::kInt64 || kind == ColumnKind::kBool ||
-        kind == ColumnKind::kTimestamp) {
+    if (kind == ColumnKind::kInt64 || kind == ColumnKind::kBool || kind == ColumnKind::kTimestamp) {
       statement.exchange(soci::into(cell.number, cell.indicator));
     } else {
       statement.exchange(soci::into(cell.text, cell.indicator));
@@ -107,8 +106,10 @@ absl::Status RowBuffer::Decode(Message& out, std::int64_t& revision) const {
         break;
       }
       case ColumnKind::kTimestamp: {
-        auto* ts = static_cast<google::protobuf::Timestamp*>(reflection->MutableMessage(&out, field));
-        ts->set_seconds(cell.number >= 0 ? cell.number / 1000000 : -((-cell.number + 999999) / 1000000));
+        auto* ts =
+            static_cast<google::protobuf::Timestamp*>(reflection->MutableMessage(&out, field));
+        ts->set_seconds(cell.number >= 0 ? cell.number / 1000000
+                                         : -((-cell.number + 999999) / 1000000));
         ts->set_nanos(static_cast<std::int32_t>((cell.number - ts->seconds() * 1000000) * 1000));
         break;
       }
@@ -136,8 +137,7 @@ std::int64_t TimestampMicros(const Message& timestamp) {
   return ts.seconds() * 1000000 + ts.nanos() / 1000;
 }
 
-absl::Status EncodeColumns(const ResourceSchema& schema, const Message& resource,
-                           Params& params) {
+absl::Status EncodeColumns(const ResourceSchema& schema, const Message& resource, Params& params) {
   const Reflection* reflection = resource.GetReflection();
   for (const Column& column : schema.columns()) {
     const FieldDescriptor* field = column.field;

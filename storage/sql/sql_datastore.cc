@@ -99,7 +99,8 @@ class SqlTx final : public ReadWriteTx {
         result.items.push_back(std::move(item));
         have = statement.fetch();
       }
-      if (!result.items.empty()) result.last_key = SortKeyOf(*result.items.back().message, query.order);
+      if (!result.items.empty())
+        result.last_key = SortKeyOf(*result.items.back().message, query.order);
       return result;
     });
   }
@@ -130,8 +131,7 @@ class SqlTx final : public ReadWriteTx {
                                "WHERE seq > :after ORDER BY seq LIMIT :lim",
            soci::into(seq), soci::into(micros), soci::into(r.resource_type),
            soci::into(r.resource_name), soci::into(r.change_type), soci::into(r.principal),
-           soci::into(r.request_id), soci::into(r.resource_json), soci::use(after),
-           soci::use(lim));
+           soci::into(r.request_id), soci::into(r.resource_json), soci::use(after), soci::use(lim));
       statement.execute();
       while (statement.fetch()) {
         r.seq = seq;
@@ -177,8 +177,8 @@ class SqlTx final : public ReadWriteTx {
       vals.push_back(":c_" + c.name);
     }
     const std::string sql =
-        absl::StrCat("INSERT INTO ", schema.table(), " (", absl::StrJoin(cols, ", "),
-                     ") VALUES (", absl::StrJoin(vals, ", "), ")");
+        absl::StrCat("INSERT INTO ", schema.table(), " (", absl::StrJoin(cols, ", "), ") VALUES (",
+                     absl::StrJoin(vals, ", "), ")");
     return Guard<bool>([&]() -> absl::StatusOr<bool> {
              Execute(session_, sql, params);
              return true;
@@ -205,15 +205,15 @@ class SqlTx final : public ReadWriteTx {
     Params params;
     params.AddString("name", std::string(name));
     params.AddInt("rev", expected_revision);
-    const std::string sql = absl::StrCat("DELETE FROM ", schema.table(),
-                                         " WHERE name = :name AND revision = :rev");
+    const std::string sql =
+        absl::StrCat("DELETE FROM ", schema.table(), " WHERE name = :name AND revision = :rev");
     return AffectOne(schema, name, sql, params);
   }
 
   absl::Status AppendChange(ChangeRecord& record) override {
     return Guard<bool>([&]() -> absl::StatusOr<bool> {
              dialect_.LockChangeFeed(session_);
-             long long seq = 0;  // NOLINT(google-runtime-int)
+             long long seq = 0;                                   // NOLINT(google-runtime-int)
              long long micros = absl::ToUnixMicros(record.time);  // NOLINT(google-runtime-int)
              session_ << "INSERT INTO changes (change_time, resource_type, resource_name, "
                          "change_type, principal, request_id, resource) VALUES (:t, :rt, :rn, "
@@ -274,8 +274,7 @@ class SqlTx final : public ReadWriteTx {
   }
 
   // Inserts `fresh` unless a value exists, then returns the stored value.
-  absl::StatusOr<std::string> GetOrCreateSecret(const std::string& name,
-                                                const std::string& fresh) {
+  absl::StatusOr<std::string> GetOrCreateSecret(const std::string& name, const std::string& fresh) {
     return Guard<std::string>([&]() -> absl::StatusOr<std::string> {
       long long now = absl::ToUnixMicros(absl::Now());  // NOLINT(google-runtime-int)
       session_ << "INSERT INTO server_secrets (name, value, create_time) VALUES (:n, :v, :t) "
@@ -296,8 +295,8 @@ class SqlTx final : public ReadWriteTx {
   }
 
   static std::string NameOf(const Message& resource) {
-    return resource.GetReflection()->GetString(
-        resource, resource.GetDescriptor()->FindFieldByName("name"));
+    return resource.GetReflection()->GetString(resource,
+                                               resource.GetDescriptor()->FindFieldByName("name"));
   }
 
   static absl::Status KeyParams(const ResourceSchema& schema, const Message& resource,
@@ -350,10 +349,8 @@ class SqlTx final : public ReadWriteTx {
 
   absl::Status AffectOne(const ResourceSchema& schema, absl::string_view name,
                          const std::string& sql, Params& params) {
-    absl::StatusOr<std::int64_t> affected =
-        Guard<std::int64_t>([&]() -> absl::StatusOr<std::int64_t> {
-          return Execute(session_, sql, params);
-        });
+    absl::StatusOr<std::int64_t> affected = Guard<std::int64_t>(
+        [&]() -> absl::StatusOr<std::int64_t> { return Execute(session_, sql, params); });
     if (!affected.ok()) return affected.status();
     if (*affected == 1) return absl::OkStatus();
     absl::StatusOr<std::int64_t> exists = CountWhere(schema, "name", name);
@@ -435,16 +432,14 @@ class SqlDatastore final : public Datastore {
     absl::Status status = tx.Guard<bool>([&]() -> absl::StatusOr<bool> {
                               session << std::string(begin);
                               return true;
-                            })
-                              .status();
+                            }).status();
     if (status.ok()) {
       status = body(tx);
       if (status.ok()) {
         status = tx.Guard<bool>([&]() -> absl::StatusOr<bool> {
                      session << "COMMIT";
                      return true;
-                   })
-                     .status();
+                   }).status();
       } else {
         try {
           session << "ROLLBACK";

@@ -37,7 +37,8 @@ class SqliteDialect final : public Dialect {
   absl::string_view ForUpdate() const override { return ""; }
   // SQLite has one writer at a time: appends are already serialized.
   void LockChangeFeed(soci::session& /*session*/) const override {}
-  void LockRequestId(soci::session& /*session*/, const std::string& /*request_id*/) const override {}
+  void LockRequestId(soci::session& /*session*/, const std::string& /*request_id*/) const override {
+  }
   void LockMigrations(soci::session& session) const override {
     session << "BEGIN IMMEDIATE";
     session << "COMMIT";
