@@ -4,13 +4,7 @@
 #include "storage/resource_store.h"
 
 namespace modelvault::server {
-namespace {
-
-std::string NameOf(const google::protobuf::Message& m) {
-  return m.GetReflection()->GetString(m, m.GetDescriptor()->FindFieldByName("name"));
-}
-
-}  // namespace
+namespace {}  // namespace
 
 absl::StatusOr<std::int64_t> CatalogCache::Load(storage::Datastore& datastore) {
   std::int64_t head = 0;
@@ -30,7 +24,7 @@ absl::StatusOr<std::int64_t> CatalogCache::Load(storage::Datastore& datastore) {
           item.message->GetReflection()->SetString(
               item.message.get(), item.message->GetDescriptor()->FindFieldByName("etag"),
               storage::EtagOf(item.revision));
-          const std::string name = NameOf(*item.message);
+          const std::string name = storage::ResourceName(*item.message);
           loaded[name] = Entry{head, std::move(item.message)};
         }
         if (!page->more) break;

@@ -3,17 +3,23 @@
 #include <string>
 
 #include "grpcpp/support/status.h"
+#include "server/scopes.h"
 
 namespace modelvault::server {
 namespace {
 
 class BadRequestInterceptor final : public grpc::experimental::Interceptor {
  public:
+  explicit BadRequestInterceptor(bool known_method) : known_method_(known_method) {}
+
   void Intercept(grpc::experimental::InterceptorBatchMethods* methods) override {
     using grpc::experimental::InterceptionHookPoints;
     if (methods->QueryInterceptionHookPoint(InterceptionHookPoints::PRE_SEND_STATUS)) {
       const grpc::Status status = methods->GetSendStatus();
-      if (status.error_code() == grpc::StatusCode::INTERNAL && status.error_message().empty()) {
+      const bool library_parse_error = (status.error_code() == grpc::StatusCode::UNIMPLEMENTED ||
+                                        status.error_code() == grpc::StatusCode::INTERNAL) &&
+                                       status.error_message().empty();
+      if (known_method_ && library_parse_error) {
         methods->ModifySendStatus(grpc::Status(
             grpc::StatusCode::INVALID_ARGUMENT,
             "the request is not a valid message of this method (for example, a string field "
@@ -22,13 +28,18 @@ class BadRequestInterceptor final : public grpc::experimental::Interceptor {
     }
     methods->Proceed();
   }
+
+ private:
+  const bool known_method_;
 };
 
 }  // namespace
 
 grpc::experimental::Interceptor* BadRequestInterceptorFactory::CreateServerInterceptor(
-    grpc::experimental::ServerRpcInfo* /*info*/) {
-  return new BadRequestInterceptor();
+    grpc::experimental::ServerRpcInfo* info) {
+  // A method we serve never answers UNIMPLEMENTED itself; for an unknown
+  // method UNIMPLEMENTED is right and stays.
+  return new BadRequestInterceptor(info->method() != nullptr && RequiredScope(info->method()).ok());
 }
 
 }  // namespace modelvault::server

@@ -4,11 +4,12 @@
 
 namespace modelvault::server {
 
-// gRPC answers a request it cannot parse (for example a string field holding
-// invalid UTF-8) with INTERNAL and an empty message before any handler runs.
-// That is the client's fault: this interceptor turns exactly that status into
-// INVALID_ARGUMENT with a clear message. The server's own INTERNAL errors
-// always carry a message, so they pass unchanged.
+// gRPC 1.51's callback API answers a request it cannot parse (for example a
+// string field holding invalid UTF-8) with UNIMPLEMENTED (INTERNAL on the sync
+// API) and an empty message before any handler runs. That is the client's
+// fault: for methods this server implements, this interceptor turns exactly
+// that status into INVALID_ARGUMENT. The server's own errors always carry a
+// message, and unknown methods keep UNIMPLEMENTED.
 class BadRequestInterceptorFactory final
     : public grpc::experimental::ServerInterceptorFactoryInterface {
  public:

@@ -13,10 +13,6 @@ using google::protobuf::Descriptor;
 using google::protobuf::FieldDescriptor;
 using google::protobuf::Message;
 
-std::string NameOf(const Message& m) {
-  return m.GetReflection()->GetString(m, m.GetDescriptor()->FindFieldByName("name"));
-}
-
 // SHA-256 of the deterministic serialization of the request without its
 // request_id: the same logical request always hashes alike.
 std::string RequestHash(const Message& request) {
@@ -110,10 +106,11 @@ absl::Status ResourceMethods::Create(const CreateCall& call, Message* out) {
   }
   if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
 
-  absl::StatusOr<storage::MutationResult> result =
-      store_.Create(Context(*call.request, call.request_id), *resource);
+  storage::MutationContext ctx = Context(*call.request, call.request_id);
+  ctx.field_prefix = prefix;
+  absl::StatusOr<storage::MutationResult> result = store_.Create(ctx, *resource);
   if (!result.ok()) return result.status();
-  Publish(NameOf(*result->resource), *result);
+  Publish(storage::ResourceName(*result->resource), *result);
   out->CopyFrom(*result->resource);
   return absl::OkStatus();
 }
@@ -142,8 +139,14 @@ absl::Status ResourceMethods::Update(const UpdateCall& call, Message* out) {
   } else {
     paths.assign(call.update_mask->paths().begin(), call.update_mask->paths().end());
   }
-  const std::string name = NameOf(*call.resource);
-  if (name.empty()) violations.push_back({call.resource_field + ".name", "is required"});
+  const std::string name = storage::ResourceName(*call.resource);
+  const storage::ResourceSchema* schema =
+      storage::SchemaRegistry::Default().ForMessage(call.resource->GetDescriptor());
+  if (name.empty()) {
+    violations.push_back({call.resource_field + ".name", "is required"});
+  } else if (auto parent = schema->ParentOf(name); !parent.ok()) {
+    violations.push_back({call.resource_field + ".name", std::string(parent.status().message())});
+  }
   const bool all = std::find(paths.begin(), paths.end(), "*") != paths.end();
   const std::string prefix = call.resource_field + ".";
   ValidateMessage(*call.resource, prefix, all ? nullptr : &paths, violations);
@@ -154,8 +157,9 @@ absl::Status ResourceMethods::Update(const UpdateCall& call, Message* out) {
   }
   if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
 
-  absl::StatusOr<storage::MutationResult> result =
-      store_.Update(Context(*call.request, call.request_id), *call.resource, paths);
+  storage::MutationContext ctx = Context(*call.request, call.request_id);
+  ctx.field_prefix = prefix;
+  absl::StatusOr<storage::MutationResult> result = store_.Update(ctx, *call.resource, paths);
   if (!result.ok()) return result.status();
   Publish(name, *result);
   out->CopyFrom(*result->resource);

@@ -16,8 +16,7 @@ constexpr absl::string_view kBuiltIn = "migrations/seed/catalog.textproto";
 // output-only fields.
 absl::Status Upsert(storage::ResourceStore& store, const google::protobuf::Message& wanted,
                     SeedReport& report) {
-  const std::string name =
-      wanted.GetReflection()->GetString(wanted, wanted.GetDescriptor()->FindFieldByName("name"));
+  const std::string name = storage::ResourceName(wanted);
   std::vector<FieldViolation> violations;
   ValidateMessage(wanted, absl::StrCat(name, "."), nullptr, violations);
   if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;

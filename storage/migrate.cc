@@ -117,6 +117,22 @@ absl::Status Guarded(Connection& conn, F&& body) {
   }
 }
 
+// Runs `body` holding the migration lock.
+template <typename F>
+absl::Status Locked(Connection& c, F&& body) {
+  return Guarded(c, [&]() -> absl::Status {
+    c.dialect->LockMigrations(c.session);
+    absl::Cleanup unlock = [&c] {
+      try {
+        c.dialect->UnlockMigrations(c.session);
+      } catch (const soci::soci_error&) {
+        // The lock dies with the connection anyway.
+      }
+    };
+    return body();
+  });
+}
+
 }  // namespace
 
 std::string Sha256Hex(absl::string_view data) {
@@ -208,15 +224,7 @@ absl::Status Migrator::Up(std::optional<std::int64_t> target) {
   absl::StatusOr<std::unique_ptr<Connection>> conn = Connect(url_);
   if (!conn.ok()) return conn.status();
   Connection& c = **conn;
-  return Guarded(c, [&]() -> absl::Status {
-    c.dialect->LockMigrations(c.session);
-    absl::Cleanup unlock = [&c] {
-      try {
-        c.dialect->UnlockMigrations(c.session);
-      } catch (const soci::soci_error&) {
-        // The lock dies with the connection anyway.
-      }
-    };
+  return Locked(c, [&]() -> absl::Status {
     c.session << std::string(kCreateVersionTable);
     absl::StatusOr<std::map<std::int64_t, Applied>> applied = ReadApplied(c);
     if (!applied.ok()) return applied.status();
@@ -248,15 +256,7 @@ absl::Status Migrator::Down(int steps) {
   absl::StatusOr<std::unique_ptr<Connection>> conn = Connect(url_);
   if (!conn.ok()) return conn.status();
   Connection& c = **conn;
-  return Guarded(c, [&]() -> absl::Status {
-    c.dialect->LockMigrations(c.session);
-    absl::Cleanup unlock = [&c] {
-      try {
-        c.dialect->UnlockMigrations(c.session);
-      } catch (const soci::soci_error&) {
-        // The lock dies with the connection anyway.
-      }
-    };
+  return Locked(c, [&]() -> absl::Status {
     absl::StatusOr<std::map<std::int64_t, Applied>> applied = ReadApplied(c);
     if (!applied.ok()) return applied.status();
     if (absl::Status s = Verify(migrations_, *applied); !s.ok()) return s;

@@ -20,10 +20,6 @@ using google::protobuf::Descriptor;
 using google::protobuf::FieldDescriptor;
 using google::protobuf::Message;
 
-std::string NameOf(const Message& m) {
-  return m.GetReflection()->GetString(m, m.GetDescriptor()->FindFieldByName("name"));
-}
-
 void SetString(Message& m, const char* field, std::string value) {
   const FieldDescriptor* f = m.GetDescriptor()->FindFieldByName(field);
   if (f != nullptr) m.GetReflection()->SetString(&m, f, std::move(value));
@@ -113,15 +109,15 @@ absl::StatusOr<std::int64_t> Record(ReadWriteTx& tx, const MutationContext& ctx,
                                     const char* change_type) {
   absl::StatusOr<std::string> json = ToJson(resource);
   if (!json.ok()) return json.status();
-  ChangeRecord change{0,           ctx.now,       schema.type(),  NameOf(resource),
+  ChangeRecord change{0,           ctx.now,       schema.type(),  ResourceName(resource),
                       change_type, ctx.principal, ctx.request_id, *std::move(json)};
   if (absl::Status s = tx.AppendChange(change); !s.ok()) return s;
   return change.seq;
 }
 
 // Checks that every set reference field names an existing resource.
-absl::Status CheckReferences(ReadWriteTx& tx, const ResourceSchema& schema,
-                             const Message& resource) {
+absl::Status CheckReferences(ReadWriteTx& tx, const ResourceSchema& schema, const Message& resource,
+                             const std::string& prefix) {
   for (const Column& column : schema.columns()) {
     const std::string type = ReferenceType(column.field);
     if (type.empty() || column.kind != ColumnKind::kString) continue;
@@ -133,7 +129,7 @@ absl::Status CheckReferences(ReadWriteTx& tx, const ResourceSchema& schema,
     if (absl::IsNotFound(found.status())) {
       return WithFieldViolation(
           absl::FailedPreconditionError(absl::StrCat(column.name, ": ", value, " does not exist")),
-          column.name, "the referenced resource does not exist");
+          prefix + column.name, "the referenced resource does not exist");
     }
     if (!found.ok()) return found.status();
   }
@@ -163,6 +159,14 @@ absl::StatusOr<std::string> Dependents(ReadWriteTx& tx, const ResourceSchema& sc
   return absl::StrJoin(found, ", ");
 }
 
+// ABORTED unless `etag` is empty or names `revision`.
+absl::Status CheckEtag(absl::string_view name, absl::string_view etag, std::int64_t revision) {
+  if (etag.empty() || etag == EtagOf(revision)) return absl::OkStatus();
+  return WithErrorInfo(absl::AbortedError(absl::StrCat(name, " changed since etag ", etag,
+                                                       " was read; get it again and retry")),
+                       "ETAG_MISMATCH", {{"resource", std::string(name)}});
+}
+
 void FinishStored(StoredResource& stored) {
   SetString(*stored.message, "etag", EtagOf(stored.revision));
 }
@@ -184,7 +188,7 @@ absl::StatusOr<MutationResult> ResourceStore::Create(const MutationContext& ctx,
                                                      const Message& resource) {
   const ResourceSchema* schema = SchemaOf(resource.GetDescriptor());
   if (schema == nullptr) return absl::InternalError("not a stored resource");
-  const std::string name = NameOf(resource);
+  const std::string name = ResourceName(resource);
   absl::StatusOr<std::string> parent = schema->ParentOf(name);
   if (!parent.ok()) return InvalidField("name", std::string(parent.status().message()));
 
@@ -208,7 +212,8 @@ absl::StatusOr<MutationResult> ResourceStore::Create(const MutationContext& ctx,
       }
       if (!p.ok()) return p.status();
     }
-    if (absl::Status s = CheckReferences(tx, *schema, resource); !s.ok()) return s;
+    if (absl::Status s = CheckReferences(tx, *schema, resource, ctx.field_prefix); !s.ok())
+      return s;
     std::unique_ptr<Message> row(resource.New());
     row->CopyFrom(resource);
     SetTime(*row, "create_time", ctx.now);
@@ -256,7 +261,7 @@ absl::StatusOr<MutationResult> ResourceStore::Update(const MutationContext& ctx,
                                                      const std::vector<std::string>& paths) {
   const ResourceSchema* schema = SchemaOf(patch.GetDescriptor());
   if (schema == nullptr) return absl::InternalError("not a stored resource");
-  const std::string name = NameOf(patch);
+  const std::string name = ResourceName(patch);
   if (absl::StatusOr<std::string> p = schema->ParentOf(name); !p.ok()) {
     return InvalidField("name", std::string(p.status().message()));
   }
@@ -287,19 +292,14 @@ absl::StatusOr<MutationResult> ResourceStore::Update(const MutationContext& ctx,
     }
     absl::StatusOr<StoredResource> stored = tx.GetForUpdate(*schema, name);
     if (!stored.ok()) return stored.status();
-    const std::string etag = EtagField(patch);
-    if (!etag.empty() && etag != EtagOf(stored->revision)) {
-      return WithErrorInfo(absl::AbortedError(absl::StrCat(name, " changed since etag ", etag,
-                                                           " was read; get it again and retry")),
-                           "ETAG_MISMATCH", {{"resource", name}});
-    }
+    if (absl::Status s = CheckEtag(name, EtagField(patch), stored->revision); !s.ok()) return s;
     Message& row = *stored->message;
     google::protobuf::util::FieldMaskUtil::MergeOptions options;
     options.set_replace_message_fields(true);
     options.set_replace_repeated_fields(true);
     google::protobuf::util::FieldMaskUtil::MergeMessageTo(patch, mask, options, &row);
     SetTime(row, "update_time", ctx.now);
-    if (absl::Status s = CheckReferences(tx, *schema, row); !s.ok()) return s;
+    if (absl::Status s = CheckReferences(tx, *schema, row, ctx.field_prefix); !s.ok()) return s;
     if (absl::Status s = tx.Update(*schema, row, stored->revision); !s.ok()) return s;
     SetString(row, "etag", EtagOf(stored->revision + 1));
     absl::StatusOr<std::int64_t> seq = Record(tx, ctx, *schema, row, "UPDATED");
@@ -330,11 +330,7 @@ absl::StatusOr<MutationResult> ResourceStore::Delete(const MutationContext& ctx,
     }
     absl::StatusOr<StoredResource> stored = tx.GetForUpdate(*schema, name);
     if (!stored.ok()) return stored.status();
-    if (!etag.empty() && etag != EtagOf(stored->revision)) {
-      return WithErrorInfo(absl::AbortedError(absl::StrCat(name, " changed since etag ", etag,
-                                                           " was read; get it again and retry")),
-                           "ETAG_MISMATCH", {{"resource", std::string(name)}});
-    }
+    if (absl::Status s = CheckEtag(name, etag, stored->revision); !s.ok()) return s;
     absl::StatusOr<std::string> dependents = Dependents(tx, *schema, name);
     if (!dependents.ok()) return dependents.status();
     if (!dependents->empty()) {

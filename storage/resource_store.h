@@ -25,6 +25,8 @@ struct MutationContext {
   std::string method;        // full RPC name, part of the idempotency check
   std::string request_hash;  // hash of the request body
   absl::Time now = absl::Now();
+  // Prefix of field paths in errors, e.g. "model." for CreateModelRequest.model.
+  std::string field_prefix;
 };
 
 struct ListRequest {

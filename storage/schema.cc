@@ -63,6 +63,11 @@ bool IsSlugChar(char c) {
 
 }  // namespace
 
+std::string ResourceName(const google::protobuf::Message& resource) {
+  return resource.GetReflection()->GetString(resource,
+                                             resource.GetDescriptor()->FindFieldByName("name"));
+}
+
 bool IsValidResourceId(absl::string_view id) {
   if (id.empty() || id.size() > 63) return false;
   auto alnum = [](char c) { return absl::ascii_islower(c) || absl::ascii_isdigit(c); };

@@ -81,6 +81,9 @@ class ResourceSchema final {
   FilterSchema filter_schema_;
 };
 
+// The `name` field of a resource message.
+std::string ResourceName(const google::protobuf::Message& resource);
+
 // Resource ids: lowercase letters, digits, '-', '.', '_'; 1 to 63 characters;
 // starting and ending with a letter or digit.
 bool IsValidResourceId(absl::string_view id);

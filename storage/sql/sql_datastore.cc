@@ -18,14 +18,21 @@ namespace {
 
 using google::protobuf::Message;
 
-// Runs a statement with named parameters; returns the affected row count.
-std::int64_t Execute(soci::session& session, const std::string& sql, Params& params) {
-  soci::statement statement(session);
+// Prepares `sql` with `params` (and `row` as the into() targets) and runs it;
+// true when a row was fetched.
+bool Query(soci::statement& statement, const std::string& sql, Params& params, RowBuffer* row) {
+  if (row != nullptr) row->BindTo(statement);
   params.BindTo(statement);
   statement.alloc();
   statement.prepare(sql);
   statement.define_and_bind();
-  statement.execute(true);
+  return statement.execute(true);
+}
+
+// Runs a statement with named parameters; returns the affected row count.
+std::int64_t Execute(soci::session& session, const std::string& sql, Params& params) {
+  soci::statement statement(session);
+  Query(statement, sql, params, nullptr);
   return statement.get_affected_rows();
 }
 
@@ -83,12 +90,7 @@ class SqlTx final : public ReadWriteTx {
       ListResult result;
       RowBuffer row(schema);
       soci::statement statement(session_);
-      row.BindTo(statement);
-      params.BindTo(statement);
-      statement.alloc();
-      statement.prepare(sql);
-      statement.define_and_bind();
-      bool have = statement.execute(true);
+      bool have = Query(statement, sql, params, &row);
       while (have) {
         if (static_cast<int>(result.items.size()) == query.limit) {
           result.more = true;
@@ -197,7 +199,7 @@ class SqlTx final : public ReadWriteTx {
     const std::string sql =
         absl::StrCat("UPDATE ", schema.table(), " SET ", absl::StrJoin(sets, ", "),
                      " WHERE name = :name AND parent = :parent AND revision = :rev");
-    return AffectOne(schema, NameOf(resource), sql, params);
+    return AffectOne(schema, ResourceName(resource), sql, params);
   }
 
   absl::Status Delete(const ResourceSchema& schema, absl::string_view name,
@@ -294,14 +296,9 @@ class SqlTx final : public ReadWriteTx {
         ->New();
   }
 
-  static std::string NameOf(const Message& resource) {
-    return resource.GetReflection()->GetString(resource,
-                                               resource.GetDescriptor()->FindFieldByName("name"));
-  }
-
   static absl::Status KeyParams(const ResourceSchema& schema, const Message& resource,
                                 Params& params) {
-    std::string name = NameOf(resource);
+    std::string name = ResourceName(resource);
     absl::StatusOr<std::string> parent = schema.ParentOf(name);
     if (!parent.ok()) return parent.status();
     params.AddString("name", std::move(name));
@@ -333,12 +330,7 @@ class SqlTx final : public ReadWriteTx {
       params.AddString("name", std::string(name));
       RowBuffer row(schema);
       soci::statement statement(session_);
-      row.BindTo(statement);
-      params.BindTo(statement);
-      statement.alloc();
-      statement.prepare(sql);
-      statement.define_and_bind();
-      if (!statement.execute(true)) {
+      if (!Query(statement, sql, params, &row)) {
         return absl::NotFoundError(absl::StrCat(name, " does not exist"));
       }
       StoredResource out{std::unique_ptr<Message>(NewMessage(schema)), 0};

@@ -33,7 +33,8 @@ CommandResult RunShell(const std::string& command) {
   if (pipe == nullptr) return result;
   std::array<char, 4096> buffer;
   size_t n = 0;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) result.output.append(buffer.data(), n);
+  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
+    result.output.append(buffer.data(), n);
   const int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
@@ -51,7 +52,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   server->dir_ = MakeTempDir();
   const std::string port_file = server->dir_ + "/port";
   const std::string log_file = server->dir_ + "/server.log";
-  std::vector<std::string> args = {ModelvaultBinary(), "serve",       "--database", database_url,
+  std::vector<std::string> args = {ModelvaultBinary(), "serve",       "--database",  database_url,
                                    "--listen",         "127.0.0.1:0", "--port-file", port_file};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   const pid_t pid = fork();
