@@ -87,20 +87,41 @@ absl::StatusOr<v1::ModelPrice> PriceAt(const v1::Model& model, absl::Time time) 
   return *best;
 }
 
-CatalogService::CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor)
-    : methods_(methods), hub_(hub), executor_(executor) {}
+CatalogService::CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor,
+                               const std::atomic<bool>& draining, std::atomic<std::int64_t>& calls,
+                               std::atomic<std::int64_t>& active)
+    : methods_(methods),
+      hub_(hub),
+      executor_(executor),
+      draining_(draining),
+      calls_(calls),
+      active_(active) {}
+
+bool CatalogService::Draining(Reactor* reactor) {
+  calls_.fetch_add(1, std::memory_order_relaxed);
+  if (!draining_.load(std::memory_order_acquire)) return false;
+  reactor->Finish(ToGrpcStatus(
+      absl::UnavailableError("the server is shutting down; retry on another replica")));
+  return true;
+}
 
 CatalogService::Reactor* CatalogService::Done(Ctx* c, const absl::Status& status) {
-  Reactor* reactor = c->DefaultReactor();
+  Reactor* reactor = c->DefaultReactor();  // constructs it: call once
+  if (Draining(reactor)) return reactor;
   reactor->Finish(ToGrpcStatus(status));
   return reactor;
 }
 
 template <typename Work>
 CatalogService::Reactor* CatalogService::Offload(Ctx* c, Work work) {
-  Reactor* reactor = c->DefaultReactor();
-  if (!executor_.Submit(
-          [reactor, work = std::move(work)]() mutable { reactor->Finish(ToGrpcStatus(work())); })) {
+  Reactor* reactor = c->DefaultReactor();  // constructs it: call once
+  if (Draining(reactor)) return reactor;
+  active_.fetch_add(1, std::memory_order_relaxed);
+  if (!executor_.Submit([this, reactor, work = std::move(work)]() mutable {
+        reactor->Finish(ToGrpcStatus(work()));
+        active_.fetch_sub(1, std::memory_order_release);
+      })) {
+    active_.fetch_sub(1, std::memory_order_release);
     reactor->Finish(
         ToGrpcStatus(absl::ResourceExhaustedError("the server is overloaded; retry with backoff")));
   }

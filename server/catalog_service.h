@@ -1,5 +1,7 @@
 #pragma once
 
+#include <atomic>
+
 #include "modelvault/v1/catalog.grpc.pb.h"
 #include "server/change_hub.h"
 #include "server/executor.h"
@@ -12,7 +14,12 @@ namespace modelvault::server {
 // database runs on the executor, never on gRPC's threads.
 class CatalogService final : public modelvault::v1::CatalogService::CallbackService {
  public:
-  CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor);
+  // While `draining` is set, new calls fail with UNAVAILABLE so that clients
+  // retry elsewhere; `calls` counts arrivals and `active` the calls running on
+  // the executor (the server waits for both to settle before it stops).
+  CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor,
+                 const std::atomic<bool>& draining, std::atomic<std::int64_t>& calls,
+                 std::atomic<std::int64_t>& active);
 
   using Ctx = grpc::CallbackServerContext;
   using Reactor = grpc::ServerUnaryReactor;
@@ -54,9 +61,15 @@ class CatalogService final : public modelvault::v1::CatalogService::CallbackServ
   Reactor* Offload(Ctx* c, Work work);
   Reactor* Done(Ctx* c, const absl::Status& status);
 
+  // UNAVAILABLE while draining; counts the call.
+  bool Draining(Reactor* reactor);
+
   ResourceMethods& methods_;
   ChangeHub& hub_;
   Executor& executor_;
+  const std::atomic<bool>& draining_;
+  std::atomic<std::int64_t>& calls_;
+  std::atomic<std::int64_t>& active_;
 };
 
 // Checks of models beyond the descriptor rules: the family belongs to the

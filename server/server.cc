@@ -121,7 +121,10 @@ absl::Status RunServer(const ServeConfig& config) {
                         model.set_upstream_id(std::string(id));
                       }
                     }});
-  CatalogService catalog(methods, hub, executor);
+  std::atomic<bool> draining{false};
+  std::atomic<std::int64_t> calls{0};
+  std::atomic<std::int64_t> active{0};
+  CatalogService catalog(methods, hub, executor, draining, calls, active);
 
   // Reflection describes the built-in health service from this descriptor.
   (void)grpc::health::v1::HealthCheckRequest::descriptor();
@@ -166,10 +169,26 @@ absl::Status RunServer(const ServeConfig& config) {
     Log(LogLevel::kInfo, "shutting down", {{"signal", signal == SIGTERM ? "SIGTERM" : "SIGINT"}});
     server->GetHealthCheckService()->SetServingStatus(false);
   }
-  // End streams first (with their cursors) so Shutdown waits only for unary calls.
-  hub.Stop();
-  server->Shutdown(std::chrono::system_clock::now() +
-                   absl::ToChronoMicroseconds(config.shutdown_timeout));
+  // Drain: new calls get UNAVAILABLE (clients retry elsewhere) while the
+  // dispatched ones finish; once arrivals stop, Shutdown has nothing to cut
+  // off. gRPC would otherwise end not-yet-dispatched calls as CANCELLED.
+  draining.store(true, std::memory_order_release);
+  hub.Stop();  // ends streams with their cursors
+  const absl::Time drain_until =
+      absl::Now() + std::min(absl::Seconds(2), config.shutdown_timeout / 2);
+  for (std::int64_t seen = -1; absl::Now() < drain_until;) {
+    const std::int64_t now_seen = calls.load(std::memory_order_relaxed);
+    if (now_seen == seen) break;  // no call arrived in the last interval
+    seen = now_seen;
+    absl::SleepFor(absl::Milliseconds(100));
+  }
+  // Let the dispatched calls finish, then stop at once: Shutdown with a
+  // later deadline would also wait for idle client connections to close.
+  const absl::Time deadline = absl::Now() + config.shutdown_timeout;
+  while (active.load(std::memory_order_acquire) > 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  server->Shutdown(std::chrono::system_clock::now());
   executor.Shutdown();
   Log(LogLevel::kInfo, "stopped");
   return absl::OkStatus();

@@ -40,8 +40,6 @@ struct Connection {
 absl::StatusOr<std::unique_ptr<Connection>> Connect(absl::string_view url) {
   absl::StatusOr<std::unique_ptr<Dialect>> dialect = DialectForUrl(url);
   if (!dialect.ok()) return dialect.status();
-  soci::register_factory_postgresql();
-  soci::register_factory_sqlite3();
   auto conn = std::make_unique<Connection>();
   conn->dialect = *std::move(dialect);
   try {

@@ -43,6 +43,11 @@ class Dialect {
   virtual absl::Status MapError(const soci::soci_error& error) const = 0;
 };
 
+// Links SOCI's PostgreSQL and SQLite backends into SOCI's registry (instead
+// of dlopen at run time). Idempotent and thread-safe: registering again while
+// a backend is in use would throw.
+void RegisterSociBackends();
+
 // Picks the dialect from the URL scheme.
 absl::StatusOr<std::unique_ptr<Dialect>> DialectForUrl(absl::string_view url);
 

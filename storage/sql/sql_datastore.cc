@@ -109,7 +109,7 @@ class SqlTx final : public ReadWriteTx {
 
   absl::StatusOr<std::int64_t> CountWhere(const ResourceSchema& schema, absl::string_view column,
                                           absl::string_view value) override {
-    if (column != "parent" && schema.FindColumn(column) == nullptr) {
+    if (column != "parent" && column != "name" && schema.FindColumn(column) == nullptr) {
       return absl::InternalError("unknown column");
     }
     return Guard<std::int64_t>([&]() -> absl::StatusOr<std::int64_t> {
@@ -417,15 +417,23 @@ class SqlDatastore final : public Datastore {
  private:
   template <typename F>
   absl::Status RunTx(absl::string_view begin, F&& body) {
-    absl::StatusOr<SessionPool::Lease> lease = pool_.Acquire();
-    if (!lease.ok()) return lease.status();
-    soci::session& session = lease->session();
-    SqlTx tx(session, *dialect_);
-    absl::Status status = tx.Guard<bool>([&]() -> absl::StatusOr<bool> {
-                              session << std::string(begin);
-                              return true;
-                            }).status();
-    if (status.ok()) {
+    // A pooled connection may have died with a database restart; that shows
+    // at BEGIN, before anything ran, so one retry on a fresh connection is
+    // safe for writes too.
+    for (int attempt = 0;; ++attempt) {
+      absl::StatusOr<SessionPool::Lease> lease = pool_.Acquire();
+      if (!lease.ok()) return lease.status();
+      soci::session& session = lease->session();
+      SqlTx tx(session, *dialect_);
+      absl::Status status = tx.Guard<bool>([&]() -> absl::StatusOr<bool> {
+                                session << std::string(begin);
+                                return true;
+                              }).status();
+      if (!status.ok()) {
+        lease->Discard();
+        if (absl::IsUnavailable(status) && attempt == 0) continue;
+        return status;
+      }
       status = body(tx);
       if (status.ok()) {
         status = tx.Guard<bool>([&]() -> absl::StatusOr<bool> {
@@ -439,9 +447,9 @@ class SqlDatastore final : public Datastore {
           lease->Discard();  // the connection is in an unknown state
         }
       }
+      if (tx.broken()) lease->Discard();
+      return status;
     }
-    if (tx.broken()) lease->Discard();
-    return status;
   }
 
   std::unique_ptr<Dialect> dialect_;
@@ -455,13 +463,6 @@ absl::StatusOr<std::unique_ptr<Datastore>> OpenDatastore(absl::string_view url,
                                                          const DatastoreOptions& options) {
   absl::StatusOr<std::unique_ptr<Dialect>> dialect = DialectForUrl(url);
   if (!dialect.ok()) return dialect.status();
-  // Link the backends statically instead of dlopen-ing them at run time.
-  static const bool registered = [] {
-    soci::register_factory_postgresql();
-    soci::register_factory_sqlite3();
-    return true;
-  }();
-  (void)registered;
   std::string connect = (*dialect)->ConnectString(url);
   auto store = std::make_unique<SqlDatastore>(*std::move(dialect), std::move(connect), options);
   if (absl::Status s = store->Ping(); !s.ok()) return s;

@@ -72,12 +72,4 @@ class SqliteDialect final : public Dialect {
 
 std::unique_ptr<Dialect> MakeSqliteDialect() { return std::make_unique<SqliteDialect>(); }
 
-absl::StatusOr<std::unique_ptr<Dialect>> DialectForUrl(absl::string_view url) {
-  if (absl::StartsWith(url, "postgresql://")) return MakePostgresDialect();
-  if (absl::StartsWith(url, "sqlite3://")) return MakeSqliteDialect();
-  return absl::InvalidArgumentError(
-      "database URL must start with sqlite3:// (sqlite3://db=PATH) or postgresql:// "
-      "(postgresql://host=H port=P dbname=D user=U)");
-}
-
 }  // namespace modelvault::storage

@@ -1138,8 +1138,7 @@ TEST_P(CatalogApiTest, InvalidUtf8OnTheWireIsRejected) {
     // The proto3 parser rejects the invalid UTF-8 before any handler runs; gRPC 1.51's
     // callback API would answer UNIMPLEMENTED, and server/interceptors.cc makes it the
     // client error it is.
-    EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument)
-        << response.status();
+    EXPECT_EQ(response.status().code(), absl::StatusCode::kInvalidArgument) << response.status();
     EXPECT_THAT(Snapshot(), EqualsProto(before));
   }
   // The same bytes unpatched succeed through the generic path (the harness is sound).
