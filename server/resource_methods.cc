@@ -198,7 +198,8 @@ absl::Status ResourceMethods::List(const ListCall& call, Message* out) {
   request.page_token = call.page_token;
   request.filter = call.filter;
   request.order_by = call.order_by;
-  absl::StatusOr<storage::ListPage> page = store_.List(call.type, request);
+  absl::StatusOr<storage::ListPage> page =
+      store_.List(call.type, request, [this](absl::string_view name) { return cache_.Get(name); });
   if (!page.ok()) return page.status();
   const Descriptor* d = out->GetDescriptor();
   const FieldDescriptor* items = nullptr;

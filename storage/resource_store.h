@@ -1,6 +1,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -79,8 +80,13 @@ class ResourceStore final {
   absl::StatusOr<MutationResult> Delete(const MutationContext& ctx,
                                         const google::protobuf::Descriptor* type,
                                         absl::string_view name, absl::string_view etag);
+  // A cache of resources by name; List uses an entry only when its etag
+  // matches the stored revision, and reads the row otherwise.
+  using CacheLookup =
+      std::function<std::shared_ptr<const google::protobuf::Message>(absl::string_view name)>;
+
   absl::StatusOr<ListPage> List(const google::protobuf::Descriptor* type,
-                                const ListRequest& request);
+                                const ListRequest& request, const CacheLookup& cache = nullptr);
 
   Datastore& datastore() { return datastore_; }
 

@@ -26,8 +26,9 @@ namespace modelvault::storage {
 
 // A stored resource with its storage revision (the source of its etag).
 struct StoredResource {
-  std::unique_ptr<google::protobuf::Message> message;
+  std::unique_ptr<google::protobuf::Message> message;  // null for keys-only lists
   std::int64_t revision = 0;
+  std::string name;  // set by keys-only lists
 };
 
 struct ListQuery {
@@ -42,6 +43,8 @@ struct ListQuery {
   std::vector<SqlValue> after;
   // Rows to return.
   int limit = 50;
+  // Return only name and revision of each row (bodies come from a cache).
+  bool keys_only = false;
 };
 
 struct ListResult {

@@ -1,6 +1,7 @@
 // The one SQL implementation of storage.h, over SOCI, for every engine; the
 // differences live in the Dialect.
 #include <chrono>
+#include <deque>
 #include <random>
 #include <thread>
 
@@ -81,11 +82,18 @@ class SqlTx final : public ReadWriteTx {
     for (const OrderTerm& term : query.order) {
       order.push_back(absl::StrCat(SortExpression(term.column), term.descending ? " DESC" : ""));
     }
-    std::string sql = absl::StrCat("SELECT ", SelectList(schema), " FROM ", schema.table());
+    std::string select = SelectList(schema);
+    if (query.keys_only) {
+      select = "name, revision";
+      for (const OrderTerm& term : query.order)
+        absl::StrAppend(&select, ", ", SortExpression(term.column));
+    }
+    std::string sql = absl::StrCat("SELECT ", select, " FROM ", schema.table());
     if (!where.empty()) absl::StrAppend(&sql, " WHERE ", absl::StrJoin(where, " AND "));
     absl::StrAppend(&sql, " ORDER BY ", absl::StrJoin(order, ", "), " LIMIT :lim");
     params.AddInt("lim", query.limit + 1);  // one extra row tells whether more follow
 
+    if (query.keys_only) return ListKeys(sql, params, query);
     return Guard<ListResult>([&]() -> absl::StatusOr<ListResult> {
       ListResult result;
       RowBuffer row(schema);
@@ -96,7 +104,7 @@ class SqlTx final : public ReadWriteTx {
           result.more = true;
           break;
         }
-        StoredResource item{std::unique_ptr<Message>(NewMessage(schema)), 0};
+        StoredResource item{std::unique_ptr<Message>(NewMessage(schema)), 0, {}};
         if (absl::Status s = row.Decode(*item.message, item.revision); !s.ok()) return s;
         result.items.push_back(std::move(item));
         have = statement.fetch();
@@ -306,6 +314,54 @@ class SqlTx final : public ReadWriteTx {
     return absl::OkStatus();
   }
 
+  // Runs a keys-only List: name, revision and the sort key of each row.
+  absl::StatusOr<ListResult> ListKeys(const std::string& sql, Params& params,
+                                      const ListQuery& query) {
+    return Guard<ListResult>([&]() -> absl::StatusOr<ListResult> {
+      struct Cell {
+        bool is_text = false;
+        std::string text;
+        long long number = 0;  // NOLINT(google-runtime-int)
+        soci::indicator indicator = soci::i_ok;
+      };
+      std::string name;
+      long long revision = 0;  // NOLINT(google-runtime-int)
+      std::deque<Cell> cells(query.order.size());
+      soci::statement statement(session_);
+      statement.exchange(soci::into(name));
+      statement.exchange(soci::into(revision));
+      for (size_t i = 0; i < cells.size(); ++i) {
+        const Column* c = query.order[i].column;
+        cells[i].is_text = c == nullptr || c->kind == ColumnKind::kString ||
+                           c->kind == ColumnKind::kEnum || c->kind == ColumnKind::kJson;
+        if (cells[i].is_text) {
+          statement.exchange(soci::into(cells[i].text, cells[i].indicator));
+        } else {
+          statement.exchange(soci::into(cells[i].number, cells[i].indicator));
+        }
+      }
+      ListResult result;
+      bool have = Query(statement, sql, params, nullptr);
+      while (have) {
+        if (static_cast<int>(result.items.size()) == query.limit) {
+          result.more = true;
+          break;
+        }
+        result.items.push_back(StoredResource{nullptr, revision, name});
+        result.last_key.clear();
+        for (const Cell& cell : cells) {
+          if (cell.is_text) {
+            result.last_key.emplace_back(cell.text);
+          } else {
+            result.last_key.emplace_back(std::int64_t{cell.number});
+          }
+        }
+        have = statement.fetch();
+      }
+      return result;
+    });
+  }
+
   // (k0 > a) OR (k0 = a AND k1 > b) OR ..., with < for descending terms.
   static std::string KeysetCondition(const std::vector<OrderTerm>& order) {
     std::vector<std::string> alternatives;
@@ -333,7 +389,7 @@ class SqlTx final : public ReadWriteTx {
       if (!Query(statement, sql, params, &row)) {
         return absl::NotFoundError(absl::StrCat(name, " does not exist"));
       }
-      StoredResource out{std::unique_ptr<Message>(NewMessage(schema)), 0};
+      StoredResource out{std::unique_ptr<Message>(NewMessage(schema)), 0, {}};
       if (absl::Status s = row.Decode(*out.message, out.revision); !s.ok()) return s;
       return out;
     });

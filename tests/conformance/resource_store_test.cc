@@ -897,6 +897,57 @@ TEST_P(ResourceStoreListTest, UnknownFilterOrOrderFieldIsInvalidArgument) {
 INSTANTIATE_TEST_SUITE_P(Engines, ResourceStoreTest,
                          ::testing::Values(EngineParam{"sqlite"}, EngineParam{"postgres"}),
                          NameGen());
+// With a cache, List takes bodies from it only when the cached etag matches
+// the stored revision; anything stale or missing is read from the database.
+TEST_P(ResourceStoreTest, ListUsesCachedBodiesOnlyAtTheStoredRevision) {
+  std::unique_ptr<Message> a = MustCreate(MakeProvider("a", "Stored A"));
+  std::unique_ptr<Message> b = MustCreate(MakeProvider("b", "Stored B"));
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  // "a" cached at its current etag (with a marker a database read would not
+  // give), "b" cached at a stale etag, "c" not cached at all.
+  auto cached_a = std::make_shared<Provider>(static_cast<const Provider&>(*a));
+  cached_a->set_description("from the cache");
+  auto stale_b = std::make_shared<Provider>(static_cast<const Provider&>(*b));
+  stale_b->set_display_name("Stale B");
+  stale_b->set_etag("\"0\"");
+  MustCreate(MakeProvider("c", "Stored C"));
+  int lookups = 0;
+  ResourceStore::CacheLookup cache = [&](absl::string_view name) -> std::shared_ptr<const Message> {
+    ++lookups;
+    if (name == "providers/a") return cached_a;
+    if (name == "providers/b") return stale_b;
+    return nullptr;
+  };
+  absl::StatusOr<ListPage> page = store_->List(Provider::descriptor(), ListRequest{}, cache);
+  ASSERT_TRUE(page.ok()) << page.status();
+  ASSERT_EQ(page->items.size(), 3u);
+  EXPECT_EQ(lookups, 3);
+  const auto& pa = static_cast<const Provider&>(*page->items[0]);
+  const auto& pb = static_cast<const Provider&>(*page->items[1]);
+  const auto& pc = static_cast<const Provider&>(*page->items[2]);
+  EXPECT_EQ(pa.description(), "from the cache");
+  EXPECT_EQ(pb.display_name(), "Stored B");
+  EXPECT_EQ(pc.display_name(), "Stored C");
+  EXPECT_EQ(pb.etag(), static_cast<const Provider&>(*b).etag());
+
+  // Pages and order behave as without a cache.
+  ListRequest paged;
+  paged.page_size = 2;
+  paged.order_by = "display_name desc";
+  absl::StatusOr<ListPage> first = store_->List(Provider::descriptor(), paged, cache);
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->items.size(), 2u);
+  EXPECT_EQ(storage::ResourceName(*first->items[0]), "providers/c");
+  ASSERT_FALSE(first->next_page_token.empty());
+  paged.page_token = first->next_page_token;
+  absl::StatusOr<ListPage> second = store_->List(Provider::descriptor(), paged, cache);
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_EQ(second->items.size(), 1u);
+  EXPECT_EQ(storage::ResourceName(*second->items[0]), "providers/a");
+  EXPECT_TRUE(second->next_page_token.empty());
+}
+
 INSTANTIATE_TEST_SUITE_P(Engines, ResourceStoreListTest,
                          ::testing::Values(EngineParam{"sqlite"}, EngineParam{"postgres"}),
                          NameGen());
