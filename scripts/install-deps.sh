@@ -32,8 +32,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-# buf, pinned by package-lock.json, into the project's own node_modules.
+# buf, pinned by package.json (exact version) and package-lock.json (integrity),
+# into the project's own node_modules. Not `npm ci`: the registry reachable here
+# serves only this platform's buf binary, so the lockfile cannot list the other
+# platforms' optional packages, and `npm ci` refuses such a lockfile.
+# `npm install` installs exactly the locked versions and leaves the lockfile as is.
 if [ ! -x node_modules/.bin/buf ] || ! node_modules/.bin/buf --version >/dev/null 2>&1; then
   echo "install-deps: installing buf from package-lock.json"
-  npm ci --no-audit --no-fund --loglevel=error >/dev/null
+  npm install --no-audit --no-fund --loglevel=error >/dev/null
 fi
