@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 
 bash scripts/install-deps.sh
 cmake --preset release
-cmake --build --preset release -j2
+# Only the server: the tests and benchmarks are built by `make test` and `make bench`.
+cmake --build --preset release -j2 --target modelvault
 
 bin=build/release/modelvault
 [ -x "$bin" ] || { echo "run.sh: error: $bin was not built" >&2; exit 1; }
