@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The full test run (`make test`, CI): dependencies, release build, buf lint and format
 # check, the test suite against SQLite and a throwaway PostgreSQL, then the unit and
-# conformance tests again under AddressSanitizer + UndefinedBehaviorSanitizer.
+# conformance tests again under AddressSanitizer + UndefinedBehaviorSanitizer and under
+# ThreadSanitizer.
 #
 # Stops at the first failing phase, always stops PostgreSQL, prints the time of each
 # phase, and ends with one line "N passed, M failed" summed over the ctest runs.
@@ -107,6 +108,11 @@ start_pg() {
   export MODELVAULT_TEST_POSTGRES_URL MODELVAULT_TEST_POSTGRES_PORT
 }
 
+tsan_tests() {
+  TSAN_OPTIONS="halt_on_error=1" \
+    run_ctest tsan --preset tsan -L 'unit|conformance' --output-on-failure --timeout 600
+}
+
 sanitizer_tests() {
   ASAN_OPTIONS="halt_on_error=1:abort_on_error=1:detect_leaks=1" \
     UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
@@ -129,4 +135,7 @@ else
   phase "configure asan-ubsan" cmake --preset asan-ubsan
   phase "build asan-ubsan" cmake --build --preset asan-ubsan -j2
   phase "ctest asan-ubsan" sanitizer_tests
+  phase "configure tsan" cmake --preset tsan
+  phase "build tsan" cmake --build --preset tsan -j2
+  phase "ctest tsan" tsan_tests
 fi

@@ -34,7 +34,7 @@ absl::StatusOr<std::int64_t> CatalogCache::Load(storage::Datastore& datastore) {
     return absl::OkStatus();
   });
   if (!status.ok()) return status;
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   entries_ = std::move(loaded);
   return head;
 }
@@ -60,7 +60,7 @@ void CatalogCache::Apply(const storage::ChangeRecord& change) {
 
 void CatalogCache::Put(absl::string_view name, std::int64_t seq,
                        std::shared_ptr<const google::protobuf::Message> resource) {
-  absl::MutexLock lock(&mu_);
+  std::unique_lock lock(mu_);
   Entry& entry = entries_[name];
   if (entry.seq > seq) return;
   entry.seq = seq;
@@ -68,13 +68,13 @@ void CatalogCache::Put(absl::string_view name, std::int64_t seq,
 }
 
 std::shared_ptr<const google::protobuf::Message> CatalogCache::Get(absl::string_view name) const {
-  absl::ReaderMutexLock lock(&mu_);
+  std::shared_lock lock(mu_);
   auto it = entries_.find(name);
   return it == entries_.end() ? nullptr : it->second.resource;
 }
 
 size_t CatalogCache::size() const {
-  absl::ReaderMutexLock lock(&mu_);
+  std::shared_lock lock(mu_);
   size_t n = 0;
   for (const auto& [name, entry] : entries_) n += entry.resource != nullptr ? 1 : 0;
   return n;

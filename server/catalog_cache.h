@@ -2,13 +2,12 @@
 
 #include <cstdint>
 #include <memory>
+#include <shared_mutex>
 #include <string>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
-#include "absl/synchronization/mutex.h"
 #include "google/protobuf/message.h"
 #include "storage/storage.h"
 
@@ -39,8 +38,9 @@ class CatalogCache final {
     std::int64_t seq = 0;
     std::shared_ptr<const google::protobuf::Message> resource;  // null: deleted
   };
-  mutable absl::Mutex mu_;
-  absl::flat_hash_map<std::string, Entry> entries_ ABSL_GUARDED_BY(mu_);
+  // std::mutex rather than absl::Mutex: TSan sees it (Debian's Abseil is not instrumented).
+  mutable std::shared_mutex mu_;
+  absl::flat_hash_map<std::string, Entry> entries_;  // guarded by mu_
 };
 
 }  // namespace modelvault::server

@@ -22,7 +22,7 @@ void ChangeHub::AddListener(std::function<void(const storage::ChangeRecord&)> li
 
 void ChangeHub::Start(std::int64_t head) {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard lock(mu_);
     head_ = head;
   }
   thread_ = std::thread([this] { Loop(); });
@@ -30,26 +30,30 @@ void ChangeHub::Start(std::int64_t head) {
 
 void ChangeHub::Stop() {
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard lock(mu_);
     if (stopping_) return;
     stopping_ = true;
   }
+  wake_.notify_all();
   if (thread_.joinable()) thread_.join();
 }
 
 void ChangeHub::Poke() {
-  absl::MutexLock lock(&mu_);
-  poked_ = true;
+  {
+    std::lock_guard lock(mu_);
+    poked_ = true;
+  }
+  wake_.notify_all();
 }
 
 std::int64_t ChangeHub::head() const {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard lock(mu_);
   return head_;
 }
 
 void ChangeHub::Subscribe(std::shared_ptr<ChangeSink> sink, std::optional<std::int64_t> after_seq,
                           absl::Duration checkpoint_interval) {
-  absl::MutexLock lock(&mu_);
+  std::lock_guard lock(mu_);
   if (stopping_) {
     sink->Close(absl::UnavailableError("the server is shutting down; retry on another replica"),
                 after_seq.value_or(head_));
@@ -58,6 +62,7 @@ void ChangeHub::Subscribe(std::shared_ptr<ChangeSink> sink, std::optional<std::i
   pending_.push_back(
       Subscription{std::move(sink), after_seq, false, checkpoint_interval, absl::Now()});
   poked_ = true;
+  wake_.notify_all();
 }
 
 bool ChangeHub::CatchUp(Subscription& sub) {
@@ -127,9 +132,9 @@ void ChangeHub::Loop() {
   while (true) {
     std::vector<Subscription> joined;
     {
-      absl::MutexLock lock(&mu_);
-      auto wake = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return stopping_ || poked_; };
-      mu_.AwaitWithTimeout(absl::Condition(&wake), poll_interval_);
+      std::unique_lock lock(mu_);
+      wake_.wait_for(lock, absl::ToChronoMicroseconds(poll_interval_),
+                     [this] { return stopping_ || poked_; });
       if (stopping_) break;
       poked_ = false;
       joined.swap(pending_);
@@ -164,7 +169,7 @@ void ChangeHub::Loop() {
         head = change.seq;
       }
       {
-        absl::MutexLock lock(&mu_);
+        std::lock_guard lock(mu_);
         head_ = head;
       }
       if (static_cast<int>(batch.size()) < kBatch) break;
@@ -191,7 +196,7 @@ void ChangeHub::Loop() {
   // Shutting down: end every stream with its cursor so clients resume.
   std::vector<Subscription> pending;
   {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard lock(mu_);
     pending.swap(pending_);
   }
   for (auto* list : {&subscriptions_, &pending}) {

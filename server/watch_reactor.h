@@ -3,8 +3,8 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 
-#include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
 #include "server/change_hub.h"
 #include "server/cursor.h"
@@ -52,7 +52,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
       final_status = WithErrorInfo(status, "STREAM_ENDED", {{"cursor", EncodeCursor(seq)}});
     }
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard lock(mu_);
       if (finish_requested_) return;
       finish_requested_ = true;
       final_status_ = ToGrpcStatus(final_status);
@@ -65,7 +65,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
     Response* next = nullptr;
     bool finish = false;
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard lock(mu_);
       queue_.pop_front();
       if (!ok) {
         finish_requested_ = true;
@@ -89,7 +89,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   void OnCancel() override {
     std::int64_t seq = 0;
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard lock(mu_);
       seq = last_seq_;
     }
     Close(absl::CancelledError("the client cancelled the stream"), seq);
@@ -97,7 +97,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
 
   void OnDone() override {
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard lock(mu_);
       done_ = true;
     }
     self_.reset();  // the hub may still hold a reference; it drops it on the next offer
@@ -108,14 +108,14 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
       : max_queue_(max_queue), convert_(std::move(convert)), checkpoint_(std::move(checkpoint)) {}
 
   bool Gone() {
-    absl::MutexLock lock(&mu_);
+    std::lock_guard lock(mu_);
     return done_ || finish_requested_;
   }
 
   bool Enqueue(Response response, std::int64_t seq) {
     Response* start = nullptr;
     {
-      absl::MutexLock lock(&mu_);
+      std::lock_guard lock(mu_);
       if (done_ || finish_requested_) return false;
       if (queue_.size() >= max_queue_) {
         finish_requested_ = true;
@@ -141,7 +141,8 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   Convert convert_;
   MakeCheckpoint checkpoint_;
   std::shared_ptr<WatchReactor> self_;
-  absl::Mutex mu_;
+  // std::mutex rather than absl::Mutex: TSan sees it (Debian's Abseil is not instrumented).
+  std::mutex mu_;
   std::deque<Response> queue_;  // front is in flight while writing_
   bool writing_ = false;
   bool finish_requested_ = false;

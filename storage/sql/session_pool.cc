@@ -22,9 +22,9 @@ SessionPool::SessionPool(const Dialect& dialect, std::string connect_string, int
 absl::StatusOr<SessionPool::Lease> SessionPool::Acquire() {
   size_t slot = 0;
   {
-    absl::MutexLock lock(&mu_);
-    auto has_free = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return !free_.empty(); };
-    if (!mu_.AwaitWithTimeout(absl::Condition(&has_free), acquire_timeout_)) {
+    std::unique_lock lock(mu_);
+    if (!freed_.wait_for(lock, absl::ToChronoMicroseconds(acquire_timeout_),
+                         [this] { return !free_.empty(); })) {
       return absl::UnavailableError("all database connections are busy; retry the call");
     }
     slot = free_.back();
@@ -49,8 +49,11 @@ absl::StatusOr<SessionPool::Lease> SessionPool::Acquire() {
 }
 
 void SessionPool::Release(size_t slot) {
-  absl::MutexLock lock(&mu_);
-  free_.push_back(slot);
+  {
+    std::lock_guard lock(mu_);
+    free_.push_back(slot);
+  }
+  freed_.notify_one();
 }
 
 }  // namespace modelvault::storage
