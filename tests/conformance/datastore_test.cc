@@ -151,8 +151,7 @@ Model FullModel() {
 std::vector<std::string> Names(const std::vector<StoredResource>& items) {
   std::vector<std::string> out;
   for (const StoredResource& item : items) {
-    out.push_back(item.message->GetReflection()->GetString(
-        *item.message, item.message->GetDescriptor()->FindFieldByName("name")));
+    out.push_back(ResourceName(*item.message));
   }
   return out;
 }

@@ -57,6 +57,7 @@ using ::google::protobuf::util::TimeUtil;
 using ::modelvault::conformance::EngineTest;
 using ::modelvault::conformance::EqualsProto;
 using ::modelvault::testing::CommandResult;
+using ::modelvault::testing::Invoke;
 using ::modelvault::testing::RunModelvault;
 using ::modelvault::testing::RunShell;
 using ::modelvault::testing::ServerProcess;
@@ -125,19 +126,6 @@ ErrorDetails DetailsOf(const absl::Status& status) {
 }
 
 // --- Calls ------------------------------------------------------------------------------
-
-template <typename Request, typename Response>
-absl::StatusOr<Response> Invoke(Stub& stub,
-                                grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&,
-                                                             Response*),
-                                const Request& request) {
-  grpc::ClientContext context;
-  context.set_deadline(std::chrono::system_clock::now() + kCallTimeout);
-  Response response;
-  const grpc::Status status = (stub.*method)(&context, request, &response);
-  if (!status.ok()) return server::FromGrpcStatus(status);
-  return response;
-}
 
 // One unary call with raw request bytes through grpc::GenericStub.
 absl::StatusOr<std::string> RawUnary(const std::shared_ptr<grpc::Channel>& channel,

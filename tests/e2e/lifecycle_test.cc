@@ -52,6 +52,7 @@ using ::modelvault::conformance::NameGen;
 using ::modelvault::conformance::SkipPostgres;
 using ::modelvault::conformance::TestDatabase;
 using ::modelvault::testing::CommandResult;
+using ::modelvault::testing::Invoke;
 using ::modelvault::testing::MakeTempDir;
 using ::modelvault::testing::ModelvaultBinary;
 using ::modelvault::testing::RunModelvault;
@@ -73,93 +74,54 @@ void SetDeadline(grpc::ClientContext& context, absl::Duration timeout = absl::Se
 }
 
 absl::StatusOr<v1::Provider> CreateProvider(Stub& stub, const std::string& id) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::CreateProviderRequest request;
   request.set_provider_id(id);
   request.mutable_provider()->set_display_name(absl::StrCat("Provider ", id));
   request.mutable_provider()->set_base_url(absl::StrCat("https://", id, ".example.com/v1"));
-  v1::Provider provider;
-  if (grpc::Status s = stub.CreateProvider(&context, request, &provider); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return provider;
+  return Invoke(stub, &Stub::CreateProvider, request);
 }
 
 absl::StatusOr<v1::ListProvidersResponse> ListProviders(Stub& stub) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::ListProvidersRequest request;
   request.set_page_size(1000);
-  v1::ListProvidersResponse response;
-  if (grpc::Status s = stub.ListProviders(&context, request, &response); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return response;
+  return Invoke(stub, &Stub::ListProviders, request);
 }
 
 absl::StatusOr<v1::ListModelsResponse> ListModels(Stub& stub) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::ListModelsRequest request;
   request.set_parent("providers/-");
   request.set_page_size(1000);
-  v1::ListModelsResponse response;
-  if (grpc::Status s = stub.ListModels(&context, request, &response); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return response;
+  return Invoke(stub, &Stub::ListModels, request);
 }
 
 absl::StatusOr<v1::Model> GetModel(Stub& stub, const std::string& name) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::GetModelRequest request;
   request.set_name(name);
-  v1::Model model;
-  if (grpc::Status s = stub.GetModel(&context, request, &model); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return model;
+  return Invoke(stub, &Stub::GetModel, request);
 }
 
 absl::StatusOr<v1::Model> CreateModel(Stub& stub, const std::string& parent,
                                       const std::string& id) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::CreateModelRequest request;
   request.set_parent(parent);
   request.set_model_id(id);
   request.mutable_model()->set_display_name(absl::StrCat("Model ", id));
-  v1::Model model;
-  if (grpc::Status s = stub.CreateModel(&context, request, &model); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return model;
+  return Invoke(stub, &Stub::CreateModel, request);
 }
 
 absl::StatusOr<v1::Model> UpdateDisplayName(Stub& stub, const std::string& name,
                                             const std::string& display_name) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::UpdateModelRequest request;
   request.mutable_model()->set_name(name);
   request.mutable_model()->set_display_name(display_name);
   request.mutable_update_mask()->add_paths("display_name");
-  v1::Model model;
-  if (grpc::Status s = stub.UpdateModel(&context, request, &model); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return model;
+  return Invoke(stub, &Stub::UpdateModel, request);
 }
 
 absl::Status DeleteModel(Stub& stub, const std::string& name) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::DeleteModelRequest request;
   request.set_name(name);
-  google::protobuf::Empty empty;
-  return server::FromGrpcStatus(stub.DeleteModel(&context, request, &empty));
+  return Invoke(stub, &Stub::DeleteModel, request).status();
 }
 
 // The metadata entry `key` of the ErrorInfo detail of `status`, or "".
@@ -611,100 +573,19 @@ TEST(SqliteLifecycleTest, ServeMigratesByDefault) {
 
 // --- 5. Listening on a Unix socket ------------------------------------------------------
 
-// `modelvault serve` started directly (ServerProcess waits for a TCP port file, which a
-// Unix-socket listener does not fill); killed on destruction if still running.
-class ChildServer final {
- public:
-  ChildServer(std::vector<std::string> args, std::string log_file)
-      : log_file_(std::move(log_file)) {
-    args.insert(args.begin(), ModelvaultBinary());
-    pid_ = fork();
-    if (pid_ == 0) {
-      const int fd = open(log_file_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-      if (fd >= 0) {
-        dup2(fd, 1);
-        dup2(fd, 2);
-      }
-      sigset_t none;
-      sigemptyset(&none);
-      sigprocmask(SIG_SETMASK, &none, nullptr);
-      std::vector<char*> argv;
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
-      execv(argv[0], argv.data());
-      _exit(127);
-    }
-  }
-  ~ChildServer() {
-    if (pid_ > 0) Stop(SIGKILL);
-  }
-
-  bool running() {
-    if (pid_ <= 0) return false;
-    int status = 0;
-    if (waitpid(pid_, &status, WNOHANG) == pid_) {
-      pid_ = -1;
-      return false;
-    }
-    return true;
-  }
-
-  // Sends `signal`, waits up to 30 s; the exit code, or -1 after a SIGKILL.
-  int Stop(int signal) {
-    if (pid_ <= 0) return -1;
-    kill(pid_, signal);
-    int status = 0;
-    const absl::Time deadline = absl::Now() + absl::Seconds(30);
-    while (absl::Now() < deadline) {
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    kill(pid_, SIGKILL);
-    waitpid(pid_, &status, 0);
-    pid_ = -1;
-    return -1;
-  }
-
-  std::string Log() const {
-    std::ifstream in(log_file_);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    return ss.str();
-  }
-
- private:
-  pid_t pid_ = -1;
-  std::string log_file_;
-};
-
 TEST(UnixSocketTest, ServesOnAUnixSocket) {
   absl::StatusOr<std::unique_ptr<TestDatabase>> database = CreateTestDatabase("sqlite");
   ASSERT_TRUE(database.ok()) << database.status();
   const std::string dir = MakeTempDir();
   const std::string socket = dir + "/mv.sock";
-  ChildServer server(
-      {"serve", "--database", (*database)->url(), "--listen", absl::StrCat("unix:", socket)},
-      dir + "/server.log");
   const std::string target = absl::StrCat("unix:", socket);
-  std::unique_ptr<Stub> stub = StubFor(target);
-
-  // Up to 60 s to start (a failure guard), then ListProviders over the socket.
-  const absl::Time start = absl::Now();
-  absl::StatusOr<v1::ListProvidersResponse> providers = absl::UnavailableError("not called yet");
-  while (absl::Now() - start < absl::Seconds(60) && server.running()) {
-    struct stat info;
-    if (stat(socket.c_str(), &info) == 0 && S_ISSOCK(info.st_mode)) {
-      providers = ListProviders(*stub);
-      if (providers.ok()) break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  ASSERT_TRUE(server.running()) << "modelvault serve exited:\n" << server.Log();
+  absl::StatusOr<std::unique_ptr<ServerProcess>> started =
+      ServerProcess::Start((*database)->url(), {}, target);
+  ASSERT_TRUE(started.ok()) << started.status();
+  ServerProcess& server = **started;
+  EXPECT_EQ(server.target(), target);
+  absl::StatusOr<v1::ListProvidersResponse> providers = ListProviders(*StubFor(target));
   ASSERT_TRUE(providers.ok()) << providers.status() << "\n" << server.Log();
-  std::cout << "unix_socket_ready_ms=" << absl::ToInt64Milliseconds(absl::Now() - start) << "\n";
 
   // A write and a read over the socket, from a fresh channel.
   std::unique_ptr<Stub> second = StubFor(target);

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -47,13 +48,15 @@ CommandResult RunModelvault(const std::vector<std::string>& args) {
 }
 
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
-    const std::string& database_url, const std::vector<std::string>& extra_args) {
+    const std::string& database_url, const std::vector<std::string>& extra_args,
+    const std::string& listen) {
   std::unique_ptr<ServerProcess> server(new ServerProcess());
   server->dir_ = MakeTempDir();
   const std::string port_file = server->dir_ + "/port";
   const std::string log_file = server->dir_ + "/server.log";
-  std::vector<std::string> args = {ModelvaultBinary(), "serve",       "--database",  database_url,
-                                   "--listen",         "127.0.0.1:0", "--port-file", port_file};
+  const bool unix_socket = listen.rfind("unix:", 0) == 0;
+  std::vector<std::string> args = {ModelvaultBinary(), "serve", "--database",  database_url,
+                                   "--listen",         listen,  "--port-file", port_file};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   const pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");
@@ -75,9 +78,14 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   }
   server->pid_ = pid;
   for (int i = 0; i < 600; ++i) {  // up to 60 s: a cold start migrates first
+    struct stat info;
+    if (unix_socket && stat(listen.substr(5).c_str(), &info) == 0 && S_ISSOCK(info.st_mode)) {
+      server->target_ = listen;
+      return server;
+    }
     std::ifstream in(port_file);
     int port = 0;
-    if (in >> port && port > 0) {
+    if (!unix_socket && in >> port && port > 0) {
       server->port_ = port;
       server->target_ = absl::StrCat("127.0.0.1:", port);
       return server;

@@ -2,6 +2,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <vector>
@@ -9,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
+#include "server/grpc_status.h"
 
 // Real `modelvault` processes for end-to-end tests: spawned on a free
 // loopback port (the server binds port 0 and writes the port to a file),
@@ -28,15 +30,32 @@ CommandResult RunModelvault(const std::vector<std::string>& args);
 // Runs a shell command line; returns exit code and output.
 CommandResult RunShell(const std::string& command);
 
+// One unary call with a deadline; the status keeps its google.rpc details as
+// payloads (server::FromGrpcStatus). The one call helper of every e2e test.
+template <typename Stub, typename Request, typename Response>
+absl::StatusOr<Response> Invoke(
+    Stub& stub, grpc::Status (Stub::*method)(grpc::ClientContext*, const Request&, Response*),
+    const Request& request, absl::Duration timeout = absl::Seconds(30)) {
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + absl::ToChronoMicroseconds(timeout));
+  Response response;
+  const grpc::Status status = (stub.*method)(&context, request, &response);
+  if (!status.ok()) return server::FromGrpcStatus(status);
+  return response;
+}
+
 class ServerProcess final {
  public:
-  // Starts `modelvault serve --database URL --listen 127.0.0.1:0 EXTRA...`
-  // and waits until it listens (or fails with its log in the status).
+  // Starts `modelvault serve --database URL --listen LISTEN EXTRA...` and waits
+  // until it listens (or fails with its log in the status). With the default
+  // 127.0.0.1:0 the server picks a free port and reports it through a port
+  // file; with `unix:PATH` the harness waits for the socket.
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
-      const std::string& database_url, const std::vector<std::string>& extra_args = {});
+      const std::string& database_url, const std::vector<std::string>& extra_args = {},
+      const std::string& listen = "127.0.0.1:0");
   ~ServerProcess();
 
-  const std::string& target() const { return target_; }  // 127.0.0.1:PORT
+  const std::string& target() const { return target_; }  // 127.0.0.1:PORT or unix:PATH
   int port() const { return port_; }
   pid_t pid() const { return pid_; }
   std::shared_ptr<grpc::Channel> Channel() const;

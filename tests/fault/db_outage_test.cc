@@ -41,6 +41,7 @@ namespace modelvault {
 namespace {
 
 using ::modelvault::testing::CommandResult;
+using ::modelvault::testing::Invoke;
 using ::modelvault::testing::MakeTempDir;
 using ::modelvault::testing::RunModelvault;
 using ::modelvault::testing::RunShell;
@@ -206,73 +207,39 @@ absl::StatusOr<absl::Duration> WaitForHealth(const std::shared_ptr<grpc::Channel
       "health is still ", last, " after ", absl::FormatDuration(timeout), ", wanted ", want));
 }
 
-void SetDeadline(grpc::ClientContext& context) {
-  context.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
-}
-
 absl::StatusOr<v1::Provider> CreateProvider(v1::CatalogService::Stub& stub, const std::string& id,
                                             const std::string& request_id) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::CreateProviderRequest request;
   request.set_provider_id(id);
   request.set_request_id(request_id);
   request.mutable_provider()->set_display_name(absl::StrCat("Provider ", id));
   request.mutable_provider()->set_base_url(absl::StrCat("https://", id, ".example.com/v1"));
-  v1::Provider provider;
-  if (grpc::Status s = stub.CreateProvider(&context, request, &provider); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return provider;
+  return Invoke(stub, &v1::CatalogService::Stub::CreateProvider, request);
 }
 
 absl::StatusOr<v1::ListModelsResponse> ListModels(v1::CatalogService::Stub& stub) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::ListModelsRequest request;
   request.set_parent("providers/-");
   request.set_page_size(1000);
-  v1::ListModelsResponse response;
-  if (grpc::Status s = stub.ListModels(&context, request, &response); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return response;
+  return Invoke(stub, &v1::CatalogService::Stub::ListModels, request);
 }
 
 absl::StatusOr<v1::ListProvidersResponse> ListProviders(v1::CatalogService::Stub& stub) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::ListProvidersRequest request;
   request.set_page_size(1000);
-  v1::ListProvidersResponse response;
-  if (grpc::Status s = stub.ListProviders(&context, request, &response); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return response;
+  return Invoke(stub, &v1::CatalogService::Stub::ListProviders, request);
 }
 
 absl::StatusOr<v1::Model> GetModel(v1::CatalogService::Stub& stub, const std::string& name) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::GetModelRequest request;
   request.set_name(name);
-  v1::Model model;
-  if (grpc::Status s = stub.GetModel(&context, request, &model); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return model;
+  return Invoke(stub, &v1::CatalogService::Stub::GetModel, request);
 }
 
 absl::StatusOr<v1::Provider> GetProvider(v1::CatalogService::Stub& stub, const std::string& name) {
-  grpc::ClientContext context;
-  SetDeadline(context);
   v1::GetProviderRequest request;
   request.set_name(name);
-  v1::Provider provider;
-  if (grpc::Status s = stub.GetProvider(&context, request, &provider); !s.ok()) {
-    return server::FromGrpcStatus(s);
-  }
-  return provider;
+  return Invoke(stub, &v1::CatalogService::Stub::GetProvider, request);
 }
 
 std::vector<std::string> ProviderNames(const v1::ListProvidersResponse& response) {
