@@ -151,7 +151,7 @@ Model FullModel() {
 std::vector<std::string> Names(const std::vector<StoredResource>& items) {
   std::vector<std::string> out;
   for (const StoredResource& item : items) {
-    out.push_back(ResourceName(*item.message));
+    out.push_back(storage::ResourceName(*item.message));
   }
   return out;
 }
