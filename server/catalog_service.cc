@@ -17,6 +17,7 @@ using google::protobuf::util::TimeUtil;
 // Per-stream buffer before a slow watcher is disconnected.
 constexpr size_t kWatchQueue = 1024;
 constexpr int kMaxPrices = 64;
+constexpr absl::string_view kService = "/modelvault.v1.CatalogService/";
 
 bool ToCatalogChange(const storage::ChangeRecord& change, v1::WatchCatalogResponse& out) {
   v1::CatalogChange* c = out.mutable_change();
@@ -87,66 +88,30 @@ absl::StatusOr<v1::ModelPrice> PriceAt(const v1::Model& model, absl::Time time) 
   return *best;
 }
 
-CatalogService::CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor,
-                               const std::atomic<bool>& draining, std::atomic<std::int64_t>& calls,
-                               std::atomic<std::int64_t>& active)
-    : methods_(methods),
-      hub_(hub),
-      executor_(executor),
-      draining_(draining),
-      calls_(calls),
-      active_(active) {}
-
-bool CatalogService::Draining(Reactor* reactor) {
-  calls_.fetch_add(1, std::memory_order_relaxed);
-  if (!draining_.load(std::memory_order_acquire)) return false;
-  reactor->Finish(ToGrpcStatus(
-      absl::UnavailableError("the server is shutting down; retry on another replica")));
-  return true;
-}
-
-CatalogService::Reactor* CatalogService::Done(Ctx* c, const absl::Status& status) {
-  Reactor* reactor = c->DefaultReactor();  // constructs it: call once
-  if (Draining(reactor)) return reactor;
-  reactor->Finish(ToGrpcStatus(status));
-  return reactor;
-}
-
-template <typename Work>
-CatalogService::Reactor* CatalogService::Offload(Ctx* c, Work work) {
-  Reactor* reactor = c->DefaultReactor();  // constructs it: call once
-  if (Draining(reactor)) return reactor;
-  active_.fetch_add(1, std::memory_order_relaxed);
-  if (!executor_.Submit([this, reactor, work = std::move(work)]() mutable {
-        reactor->Finish(ToGrpcStatus(work()));
-        active_.fetch_sub(1, std::memory_order_release);
-      })) {
-    active_.fetch_sub(1, std::memory_order_release);
-    reactor->Finish(
-        ToGrpcStatus(absl::ResourceExhaustedError("the server is overloaded; retry with backoff")));
-  }
-  return reactor;
-}
+CatalogService::CatalogService(ResourceMethods& methods, ChangeHub& hub, CallGate& gate)
+    : methods_(methods), hub_(hub), gate_(gate) {}
 
 // --- Providers ---
 
 CatalogService::Reactor* CatalogService::CreateProvider(Ctx* c, const v1::CreateProviderRequest* r,
                                                         v1::Provider* o) {
-  return Offload(c, [=, this] {
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
     return methods_.Create(CreateCall{r, "", false, r->provider_id(), "provider_id", &r->provider(),
-                                      "provider", r->request_id()},
+                                      "provider", r->request_id(), caller.principal, nullptr},
                            o);
   });
 }
 
 CatalogService::Reactor* CatalogService::GetProvider(Ctx* c, const v1::GetProviderRequest* r,
                                                      v1::Provider* o) {
-  return Done(c, methods_.Get(v1::Provider::descriptor(), r->name(), o));
+  return gate_.Inline(c, kService, __func__, [=, this](const Caller&) {
+    return methods_.Get(v1::Provider::descriptor(), r->name(), o);
+  });
 }
 
 CatalogService::Reactor* CatalogService::ListProviders(Ctx* c, const v1::ListProvidersRequest* r,
                                                        v1::ListProvidersResponse* o) {
-  return Offload(c, [=, this] {
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller&) {
     return methods_.List(ListCall{v1::Provider::descriptor(), "", false, r->page_size(),
                                   r->page_token(), r->filter(), r->order_by()},
                          o);
@@ -155,17 +120,18 @@ CatalogService::Reactor* CatalogService::ListProviders(Ctx* c, const v1::ListPro
 
 CatalogService::Reactor* CatalogService::UpdateProvider(Ctx* c, const v1::UpdateProviderRequest* r,
                                                         v1::Provider* o) {
-  return Offload(c, [=, this] {
-    return methods_.Update(
-        UpdateCall{r, &r->provider(), "provider", &r->update_mask(), r->request_id()}, o);
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
+    return methods_.Update(UpdateCall{r, &r->provider(), "provider", &r->update_mask(),
+                                      r->request_id(), caller.principal},
+                           o);
   });
 }
 
 CatalogService::Reactor* CatalogService::DeleteProvider(Ctx* c, const v1::DeleteProviderRequest* r,
                                                         google::protobuf::Empty* /*response*/) {
-  return Offload(c, [=, this] {
-    return methods_.Delete(
-        DeleteCall{r, v1::Provider::descriptor(), r->name(), r->etag(), r->request_id()});
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
+    return methods_.Delete(DeleteCall{r, v1::Provider::descriptor(), r->name(), r->etag(),
+                                      r->request_id(), caller.principal});
   });
 }
 
@@ -174,22 +140,25 @@ CatalogService::Reactor* CatalogService::DeleteProvider(Ctx* c, const v1::Delete
 CatalogService::Reactor* CatalogService::CreateModelFamily(Ctx* c,
                                                            const v1::CreateModelFamilyRequest* r,
                                                            v1::ModelFamily* o) {
-  return Offload(c, [=, this] {
-    return methods_.Create(CreateCall{r, r->parent(), true, r->model_family_id(), "model_family_id",
-                                      &r->model_family(), "model_family", r->request_id()},
-                           o);
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
+    return methods_.Create(
+        CreateCall{r, r->parent(), true, r->model_family_id(), "model_family_id",
+                   &r->model_family(), "model_family", r->request_id(), caller.principal, nullptr},
+        o);
   });
 }
 
 CatalogService::Reactor* CatalogService::GetModelFamily(Ctx* c, const v1::GetModelFamilyRequest* r,
                                                         v1::ModelFamily* o) {
-  return Done(c, methods_.Get(v1::ModelFamily::descriptor(), r->name(), o));
+  return gate_.Inline(c, kService, __func__, [=, this](const Caller&) {
+    return methods_.Get(v1::ModelFamily::descriptor(), r->name(), o);
+  });
 }
 
 CatalogService::Reactor* CatalogService::ListModelFamilies(Ctx* c,
                                                            const v1::ListModelFamiliesRequest* r,
                                                            v1::ListModelFamiliesResponse* o) {
-  return Offload(c, [=, this] {
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller&) {
     return methods_.List(ListCall{v1::ModelFamily::descriptor(), r->parent(), true, r->page_size(),
                                   r->page_token(), r->filter(), r->order_by()},
                          o);
@@ -199,18 +168,19 @@ CatalogService::Reactor* CatalogService::ListModelFamilies(Ctx* c,
 CatalogService::Reactor* CatalogService::UpdateModelFamily(Ctx* c,
                                                            const v1::UpdateModelFamilyRequest* r,
                                                            v1::ModelFamily* o) {
-  return Offload(c, [=, this] {
-    return methods_.Update(
-        UpdateCall{r, &r->model_family(), "model_family", &r->update_mask(), r->request_id()}, o);
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
+    return methods_.Update(UpdateCall{r, &r->model_family(), "model_family", &r->update_mask(),
+                                      r->request_id(), caller.principal},
+                           o);
   });
 }
 
 CatalogService::Reactor* CatalogService::DeleteModelFamily(Ctx* c,
                                                            const v1::DeleteModelFamilyRequest* r,
                                                            google::protobuf::Empty* /*response*/) {
-  return Offload(c, [=, this] {
-    return methods_.Delete(
-        DeleteCall{r, v1::ModelFamily::descriptor(), r->name(), r->etag(), r->request_id()});
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
+    return methods_.Delete(DeleteCall{r, v1::ModelFamily::descriptor(), r->name(), r->etag(),
+                                      r->request_id(), caller.principal});
   });
 }
 
@@ -218,21 +188,23 @@ CatalogService::Reactor* CatalogService::DeleteModelFamily(Ctx* c,
 
 CatalogService::Reactor* CatalogService::CreateModel(Ctx* c, const v1::CreateModelRequest* r,
                                                      v1::Model* o) {
-  return Offload(c, [=, this] {
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
     return methods_.Create(CreateCall{r, r->parent(), true, r->model_id(), "model_id", &r->model(),
-                                      "model", r->request_id()},
+                                      "model", r->request_id(), caller.principal, nullptr},
                            o);
   });
 }
 
 CatalogService::Reactor* CatalogService::GetModel(Ctx* c, const v1::GetModelRequest* r,
                                                   v1::Model* o) {
-  return Done(c, methods_.Get(v1::Model::descriptor(), r->name(), o));
+  return gate_.Inline(c, kService, __func__, [=, this](const Caller&) {
+    return methods_.Get(v1::Model::descriptor(), r->name(), o);
+  });
 }
 
 CatalogService::Reactor* CatalogService::ListModels(Ctx* c, const v1::ListModelsRequest* r,
                                                     v1::ListModelsResponse* o) {
-  return Offload(c, [=, this] {
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller&) {
     return methods_.List(ListCall{v1::Model::descriptor(), r->parent(), true, r->page_size(),
                                   r->page_token(), r->filter(), r->order_by()},
                          o);
@@ -241,49 +213,51 @@ CatalogService::Reactor* CatalogService::ListModels(Ctx* c, const v1::ListModels
 
 CatalogService::Reactor* CatalogService::UpdateModel(Ctx* c, const v1::UpdateModelRequest* r,
                                                      v1::Model* o) {
-  return Offload(c, [=, this] {
-    return methods_.Update(UpdateCall{r, &r->model(), "model", &r->update_mask(), r->request_id()},
-                           o);
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
+    return methods_.Update(
+        UpdateCall{r, &r->model(), "model", &r->update_mask(), r->request_id(), caller.principal},
+        o);
   });
 }
 
 CatalogService::Reactor* CatalogService::DeleteModel(Ctx* c, const v1::DeleteModelRequest* r,
                                                      google::protobuf::Empty* /*response*/) {
-  return Offload(c, [=, this] {
-    return methods_.Delete(
-        DeleteCall{r, v1::Model::descriptor(), r->name(), r->etag(), r->request_id()});
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) {
+    return methods_.Delete(DeleteCall{r, v1::Model::descriptor(), r->name(), r->etag(),
+                                      r->request_id(), caller.principal});
   });
 }
 
 CatalogService::Reactor* CatalogService::ResolveModelPrice(Ctx* c,
                                                            const v1::ResolveModelPriceRequest* r,
                                                            v1::ResolveModelPriceResponse* o) {
-  v1::Model model;
-  if (absl::Status s = methods_.Get(v1::Model::descriptor(), r->model(), &model); !s.ok()) {
-    if (absl::IsInvalidArgument(s)) s = InvalidField("model", std::string(s.message()));
-    return Done(c, s);
-  }
-  const absl::Time at = r->has_time()
-                            ? absl::FromUnixMicros(TimeUtil::TimestampToMicroseconds(r->time()))
-                            : absl::Now();
-  absl::StatusOr<v1::ModelPrice> price = PriceAt(model, at);
-  if (!price.ok()) return Done(c, price.status());
-  o->set_model(model.name());
-  *o->mutable_price() = *std::move(price);
-  return Done(c, absl::OkStatus());
+  return gate_.Inline(c, kService, __func__, [=, this](const Caller&) -> absl::Status {
+    v1::Model model;
+    if (absl::Status s = methods_.Get(v1::Model::descriptor(), r->model(), &model); !s.ok()) {
+      if (absl::IsInvalidArgument(s)) s = InvalidField("model", std::string(s.message()));
+      return s;
+    }
+    const absl::Time at = r->has_time()
+                              ? absl::FromUnixMicros(TimeUtil::TimestampToMicroseconds(r->time()))
+                              : absl::Now();
+    absl::StatusOr<v1::ModelPrice> price = PriceAt(model, at);
+    if (!price.ok()) return price.status();
+    o->set_model(model.name());
+    *o->mutable_price() = *std::move(price);
+    return absl::OkStatus();
+  });
 }
 
 grpc::ServerWriteReactor<v1::WatchCatalogResponse>* CatalogService::WatchCatalog(
     Ctx* c, const v1::WatchCatalogRequest* r) {
-  (void)c;
   auto reactor = WatchReactor<v1::WatchCatalogResponse>::Create(
       kWatchQueue, ToCatalogChange, [](absl::Time now, v1::WatchCatalogResponse& out) {
         *out.mutable_checkpoint()->mutable_time() =
             TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(now));
       });
   std::optional<std::int64_t> after;
-  absl::Status status;
-  if (!r->cursor().empty()) {
+  absl::Status status = gate_.Authorize(c, kService, __func__).status();
+  if (status.ok() && !r->cursor().empty()) {
     absl::StatusOr<std::int64_t> seq = DecodeCursor(r->cursor());
     if (seq.ok()) {
       after = *seq;

@@ -3,23 +3,19 @@
 #include <atomic>
 
 #include "modelvault/v1/catalog.grpc.pb.h"
+#include "server/call_gate.h"
 #include "server/change_hub.h"
-#include "server/executor.h"
 #include "server/resource_methods.h"
 
 namespace modelvault::server {
 
-// CatalogService over the callback API. Reads (Get, ResolveModelPrice) are
+// CatalogService over the callback API. Every call enters through the
+// CallGate (authentication, scope). Reads (Get, ResolveModelPrice) are
 // answered inline from the in-memory cache; everything that touches the
 // database runs on the executor, never on gRPC's threads.
 class CatalogService final : public modelvault::v1::CatalogService::CallbackService {
  public:
-  // While `draining` is set, new calls fail with UNAVAILABLE so that clients
-  // retry elsewhere; `calls` counts arrivals and `active` the calls running on
-  // the executor (the server waits for both to settle before it stops).
-  CatalogService(ResourceMethods& methods, ChangeHub& hub, Executor& executor,
-                 const std::atomic<bool>& draining, std::atomic<std::int64_t>& calls,
-                 std::atomic<std::int64_t>& active);
+  CatalogService(ResourceMethods& methods, ChangeHub& hub, CallGate& gate);
 
   using Ctx = grpc::CallbackServerContext;
   using Reactor = grpc::ServerUnaryReactor;
@@ -56,20 +52,9 @@ class CatalogService final : public modelvault::v1::CatalogService::CallbackServ
       Ctx* c, const v1::WatchCatalogRequest* r) override;
 
  private:
-  // Runs `work` on the executor and finishes the call with its status.
-  template <typename Work>
-  Reactor* Offload(Ctx* c, Work work);
-  Reactor* Done(Ctx* c, const absl::Status& status);
-
-  // UNAVAILABLE while draining; counts the call.
-  bool Draining(Reactor* reactor);
-
   ResourceMethods& methods_;
   ChangeHub& hub_;
-  Executor& executor_;
-  const std::atomic<bool>& draining_;
-  std::atomic<std::int64_t>& calls_;
-  std::atomic<std::int64_t>& active_;
+  CallGate& gate_;
 };
 
 // Checks of models beyond the descriptor rules: the family belongs to the

@@ -1,6 +1,7 @@
 #include "server/config.h"
 
 #include <cstdlib>
+#include <cstring>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -25,6 +26,22 @@ const char kServeUsage[] = R"(usage: modelvault serve [flags]
   --db-pool N              database connections (default 8)
   --workers N              threads for database work (default 8)
   --feed-poll-ms N         change-feed poll interval (default 200)
+  --max-message-bytes N    largest request or response (default 4194304)
+
+Secrets and access:
+  --master-key-file PATH   master keys, one "<version> <base64 32 bytes>" per line, mode 0600
+                           (`modelvault master-key generate`); or the lines themselves in the
+                           environment variable MODELVAULT_MASTER_KEY       env MODELVAULT_MASTER_KEY_FILE
+  --admin-key-file PATH    where the first admin access key is written on an empty database
+                           (default: admin.token next to the SQLite file, else ./admin.token)
+  --key-time-zone TZ       calendar days of provider-key limits (default UTC)
+  --max-keys-per-provider N  (default 100)
+  --key-flush-ms N         how often key counters are written and shared (default 100)
+
+Transport:
+  --tls-cert PATH --tls-key PATH   serve TLS with this certificate chain and key (PEM)
+  --tls-client-ca PATH     require client certificates signed by this CA (mTLS)
+  A unix:PATH listener is created with mode 0660 (owner and group).
 )";
 
 absl::StatusOr<Flags> Flags::Parse(const std::vector<std::string>& args,
@@ -70,7 +87,9 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
   absl::StatusOr<Flags> flags =
       Flags::Parse(args,
                    {"listen", "database", "migrate", "log-level", "log-format", "shutdown-timeout",
-                    "port-file", "db-pool", "workers", "feed-poll-ms"},
+                    "port-file", "db-pool", "workers", "feed-poll-ms", "max-message-bytes",
+                    "master-key-file", "admin-key-file", "key-time-zone", "max-keys-per-provider",
+                    "key-flush-ms", "tls-cert", "tls-key", "tls-client-ca"},
                    {"migrate"});
   if (!flags.ok()) return flags.status();
   if (!flags->positional().empty()) {
@@ -97,14 +116,38 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
   };
   int seconds = 0;
   int poll_ms = 0;
-  for (absl::Status s : {number("shutdown-timeout", 10, 0, 3600, seconds),
-                         number("db-pool", 8, 1, 256, config.pool_size),
-                         number("workers", 8, 1, 256, config.executor_threads),
-                         number("feed-poll-ms", 200, 10, 10000, poll_ms)}) {
+  int flush_ms = 0;
+  for (absl::Status s :
+       {number("shutdown-timeout", 10, 0, 3600, seconds),
+        number("db-pool", 8, 1, 256, config.pool_size),
+        number("workers", 8, 1, 256, config.executor_threads),
+        number("feed-poll-ms", 200, 10, 10000, poll_ms),
+        number("max-message-bytes", 4 << 20, 1024, 1 << 30, config.max_message_bytes),
+        number("max-keys-per-provider", 100, 1, 1000, config.max_keys_per_provider),
+        number("key-flush-ms", 100, 10, 10000, flush_ms)}) {
     if (!s.ok()) return s;
   }
   config.shutdown_timeout = absl::Seconds(seconds);
   config.feed_poll = absl::Milliseconds(poll_ms);
+  config.key_flush = absl::Milliseconds(flush_ms);
+  config.master_key_file = flags->Get("master-key-file");
+  config.key_time_zone = flags->Get("key-time-zone", "UTC");
+  config.tls_cert_file = flags->Get("tls-cert");
+  config.tls_key_file = flags->Get("tls-key");
+  config.tls_client_ca_file = flags->Get("tls-client-ca");
+  if (config.tls_cert_file.empty() != config.tls_key_file.empty()) {
+    return absl::InvalidArgumentError("--tls-cert and --tls-key go together");
+  }
+  if (!config.tls_client_ca_file.empty() && config.tls_cert_file.empty()) {
+    return absl::InvalidArgumentError("--tls-client-ca needs --tls-cert and --tls-key");
+  }
+  std::string data_dir = ".";
+  if (absl::StartsWith(config.database, "sqlite3://db=")) {
+    const std::string path = config.database.substr(std::strlen("sqlite3://db="));
+    const size_t slash = path.rfind('/');
+    if (slash != std::string::npos) data_dir = slash == 0 ? "/" : path.substr(0, slash);
+  }
+  config.admin_key_file = flags->Get("admin-key-file", absl::StrCat(data_dir, "/admin.token"));
   const std::string migrate =
       flags->Get("migrate", absl::StartsWith(config.database, "sqlite3://") ? "true" : "false");
   if (migrate != "true" && migrate != "false") {

@@ -46,6 +46,19 @@ struct ServeConfig {
   int pool_size = 8;
   absl::Duration feed_poll = absl::Milliseconds(200);
   int max_message_bytes = 4 << 20;
+  // Secrets: the master-key file (else MODELVAULT_MASTER_KEY holds the key
+  // lines), and where the bootstrap admin key is written.
+  std::string master_key_file;
+  std::string admin_key_file;
+  // Provider keys.
+  std::string key_time_zone = "UTC";
+  int max_keys_per_provider = 100;
+  absl::Duration key_flush = absl::Milliseconds(100);
+  // TLS: certificate chain and key (PEM); with a client CA, clients must
+  // present a certificate it signed (mTLS).
+  std::string tls_cert_file;
+  std::string tls_key_file;
+  std::string tls_client_ca_file;
 };
 
 absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& args);

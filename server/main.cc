@@ -1,5 +1,8 @@
 // modelvault: one binary for the server, its database tooling and the CLI.
+#include <fcntl.h>
 #include <pthread.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <fstream>
@@ -12,6 +15,7 @@
 #include "absl/time/time.h"
 #include "clients/cpp/cli.h"
 #include "server/config.h"
+#include "server/crypto/master_keys.h"
 #include "server/seed.h"
 #include "server/server.h"
 #include "storage/migrate.h"
@@ -32,8 +36,12 @@ server and database:
   migrate status                 list migrations and whether they are applied
   seed [--file PATH]             load the built-in (or given) catalog; idempotent
       these take --database URL (env MODELVAULT_DATABASE; default sqlite3://db=modelvault.db)
+  master-key generate --out PATH [--version N]
+                                 write a new random master key (mode 0600); to rotate, append a
+                                 higher version to the existing file and run RewrapSecrets
 
-client commands (--target ADDR, env MODELVAULT_TARGET; default 127.0.0.1:50051):
+client commands (--target ADDR, env MODELVAULT_TARGET; default 127.0.0.1:50051; the access key
+from MODELVAULT_TOKEN, or the file named by --token-file / MODELVAULT_TOKEN_FILE):
   providers list                 list providers
   models list                    list models (--parent, --filter, --order-by, --json)
   models get NAME                show one model as JSON
@@ -112,6 +120,33 @@ int Seed(const std::vector<std::string>& args) {
   return 0;
 }
 
+// Appends (or creates) a key line to a 0600 file.
+int MasterKey(const std::vector<std::string>& args) {
+  absl::StatusOr<Flags> flags = Flags::Parse(args, {"out", "version"});
+  if (!flags.ok()) return Fail(flags.status());
+  if (flags->positional().size() != 1 || flags->positional()[0] != "generate" ||
+      !flags->Has("out")) {
+    std::cerr << "usage: modelvault master-key generate --out PATH [--version N]\n";
+    return 2;
+  }
+  std::uint32_t version = 1;
+  if (flags->Has("version") && (!absl::SimpleAtoi(flags->Get("version"), &version) ||
+                                version == 0 || version > 2147483647u)) {
+    std::cerr << "modelvault: --version must be a whole number from 1 to 2147483647\n";
+    return 2;
+  }
+  const std::string path = flags->Get("out");
+  const int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+  if (fd < 0) return Fail(absl::FailedPreconditionError("cannot open " + path));
+  const std::string line = modelvault::crypto::MasterKeyRing::GenerateLine(version);
+  const bool ok = ::write(fd, line.data(), line.size()) == static_cast<ssize_t>(line.size());
+  ::fchmod(fd, 0600);
+  ::close(fd);
+  if (!ok) return Fail(absl::InternalError("cannot write " + path));
+  std::cout << "wrote master key version " << version << " to " << path << "\n";
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -142,6 +177,7 @@ int main(int argc, char** argv) {
   }
   if (command == "migrate") return Migrate(rest);
   if (command == "seed") return Seed(rest);
+  if (command == "master-key") return MasterKey(rest);
   if (command == "providers" || command == "models") {
     // Client commands: the signals keep their default meaning.
     sigset_t set;

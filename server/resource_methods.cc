@@ -46,9 +46,8 @@ absl::Status ParentViolation(const storage::ResourceSchema& schema, absl::string
 
 }  // namespace
 
-ResourceMethods::ResourceMethods(storage::ResourceStore& store, CatalogCache& cache, ChangeHub& hub,
-                                 std::string principal)
-    : store_(store), cache_(cache), hub_(hub), principal_(std::move(principal)) {}
+ResourceMethods::ResourceMethods(storage::ResourceStore& store, CatalogCache& cache, ChangeHub& hub)
+    : store_(store), cache_(cache), hub_(hub) {}
 
 void ResourceMethods::SetHooks(const Descriptor* type, ResourceHooks hooks) {
   hooks_.emplace_back(type, std::move(hooks));
@@ -61,10 +60,10 @@ const ResourceHooks* ResourceMethods::HooksFor(const Descriptor* type) const {
   return nullptr;
 }
 
-storage::MutationContext ResourceMethods::Context(const Message& request,
-                                                  std::string request_id) const {
+storage::MutationContext ResourceMethods::Context(const Message& request, std::string request_id,
+                                                  std::string principal) const {
   storage::MutationContext ctx;
-  ctx.principal = principal_;
+  ctx.principal = std::move(principal);
   ctx.method = request.GetDescriptor()->full_name();
   ctx.request_id = std::move(request_id);
   if (!ctx.request_id.empty()) ctx.request_hash = RequestHash(request);
@@ -106,9 +105,10 @@ absl::Status ResourceMethods::Create(const CreateCall& call, Message* out) {
   }
   if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
 
-  storage::MutationContext ctx = Context(*call.request, call.request_id);
+  storage::MutationContext ctx = Context(*call.request, call.request_id, call.principal);
   ctx.field_prefix = prefix;
-  absl::StatusOr<storage::MutationResult> result = store_.Create(ctx, *resource);
+  absl::StatusOr<storage::MutationResult> result =
+      call.store ? call.store(ctx, *resource) : store_.Create(ctx, *resource);
   if (!result.ok()) return result.status();
   Publish(storage::ResourceName(*result->resource), *result);
   out->CopyFrom(*result->resource);
@@ -157,7 +157,7 @@ absl::Status ResourceMethods::Update(const UpdateCall& call, Message* out) {
   }
   if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
 
-  storage::MutationContext ctx = Context(*call.request, call.request_id);
+  storage::MutationContext ctx = Context(*call.request, call.request_id, call.principal);
   ctx.field_prefix = prefix;
   absl::StatusOr<storage::MutationResult> result = store_.Update(ctx, *call.resource, paths);
   if (!result.ok()) return result.status();
@@ -171,8 +171,8 @@ absl::Status ResourceMethods::Delete(const DeleteCall& call) {
   ValidateRequestId(call.request_id, violations);
   if (call.name.empty()) violations.push_back({"name", "is required"});
   if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
-  absl::StatusOr<storage::MutationResult> result =
-      store_.Delete(Context(*call.request, call.request_id), call.type, call.name, call.etag);
+  absl::StatusOr<storage::MutationResult> result = store_.Delete(
+      Context(*call.request, call.request_id, call.principal), call.type, call.name, call.etag);
   if (!result.ok()) return result.status();
   Publish(call.name, *result);
   return absl::OkStatus();
@@ -198,8 +198,9 @@ absl::Status ResourceMethods::List(const ListCall& call, Message* out) {
   request.page_token = call.page_token;
   request.filter = call.filter;
   request.order_by = call.order_by;
-  absl::StatusOr<storage::ListPage> page =
-      store_.List(call.type, request, [this](absl::string_view name) { return cache_.Get(name); });
+  storage::ResourceStore::CacheLookup lookup = nullptr;
+  if (call.use_cache) lookup = [this](absl::string_view name) { return cache_.Get(name); };
+  absl::StatusOr<storage::ListPage> page = store_.List(call.type, request, lookup);
   if (!page.ok()) return page.status();
   const Descriptor* d = out->GetDescriptor();
   const FieldDescriptor* items = nullptr;

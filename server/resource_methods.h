@@ -37,6 +37,12 @@ struct CreateCall {
   const google::protobuf::Message* resource = nullptr;
   std::string resource_field;  // e.g. "model"
   std::string request_id;
+  std::string principal;  // audit: the caller
+  // Stores the validated resource instead of the plain ResourceStore::Create
+  // (resources with secrets or hashes set ctx.prepare/finish and call it).
+  std::function<absl::StatusOr<storage::MutationResult>(storage::MutationContext ctx,
+                                                        const google::protobuf::Message& resource)>
+      store;
 };
 
 struct UpdateCall {
@@ -45,6 +51,7 @@ struct UpdateCall {
   std::string resource_field;
   const google::protobuf::FieldMask* update_mask = nullptr;
   std::string request_id;
+  std::string principal;
 };
 
 struct DeleteCall {
@@ -53,6 +60,7 @@ struct DeleteCall {
   std::string name;
   std::string etag;
   std::string request_id;
+  std::string principal;
 };
 
 struct ListCall {
@@ -63,12 +71,14 @@ struct ListCall {
   std::string page_token;
   std::string filter;
   std::string order_by;
+  // Bodies from the cache when current; off for resources with columns
+  // written outside the change feed (e.g. last-used times).
+  bool use_cache = true;
 };
 
 class ResourceMethods final {
  public:
-  ResourceMethods(storage::ResourceStore& store, CatalogCache& cache, ChangeHub& hub,
-                  std::string principal);
+  ResourceMethods(storage::ResourceStore& store, CatalogCache& cache, ChangeHub& hub);
 
   void SetHooks(const google::protobuf::Descriptor* type, ResourceHooks hooks);
 
@@ -82,16 +92,19 @@ class ResourceMethods final {
   // Fills the repeated resource field and next_page_token of `out`.
   absl::Status List(const ListCall& call, google::protobuf::Message* out);
 
- private:
-  storage::MutationContext Context(const google::protobuf::Message& request,
-                                   std::string request_id) const;
+  // The mutation context of a call (idempotency hash of `request`).
+  storage::MutationContext Context(const google::protobuf::Message& request, std::string request_id,
+                                   std::string principal) const;
+  // Puts a committed write into the cache and wakes the change hub.
   void Publish(absl::string_view name, const storage::MutationResult& result);
+  storage::ResourceStore& store() { return store_; }
+
+ private:
   const ResourceHooks* HooksFor(const google::protobuf::Descriptor* type) const;
 
   storage::ResourceStore& store_;
   CatalogCache& cache_;
   ChangeHub& hub_;
-  std::string principal_;
   std::vector<std::pair<const google::protobuf::Descriptor*, ResourceHooks>> hooks_;
 };
 

@@ -4,7 +4,9 @@
 #include "absl/strings/str_replace.h"
 #include "absl/strings/strip.h"
 #include "google/protobuf/descriptor.h"
+#include "modelvault/v1/access.grpc.pb.h"
 #include "modelvault/v1/catalog.grpc.pb.h"
+#include "modelvault/v1/credentials.grpc.pb.h"
 
 namespace modelvault::server {
 namespace {
@@ -13,6 +15,8 @@ namespace {
 // the pool populated.
 const google::protobuf::FileDescriptor* const kFiles[] = {
     v1::GetModelRequest::descriptor()->file(),
+    v1::GetProviderKeyRequest::descriptor()->file(),
+    v1::GetAccessKeyRequest::descriptor()->file(),
 };
 
 }  // namespace

@@ -2,24 +2,35 @@
 
 #include <pthread.h>
 #include <sodium.h>
+#include <sys/stat.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <fstream>
+#include <mutex>
 #include <thread>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/synchronization/notification.h"
 #include "grpc/health/v1/health.pb.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#include "server/access_service.h"
+#include "server/auth.h"
+#include "server/call_gate.h"
 #include "server/catalog_cache.h"
 #include "server/catalog_service.h"
 #include "server/change_hub.h"
+#include "server/credential_service.h"
+#include "server/crypto/master_keys.h"
 #include "server/executor.h"
 #include "server/interceptors.h"
+#include "server/key_pool.h"
 #include "server/log.h"
+#include "server/provider_keys.h"
 #include "server/resource_methods.h"
 #include "storage/migrate.h"
 #include "storage/resource_store.h"
@@ -75,6 +86,96 @@ class HealthMonitor final {
   std::thread thread_;
 };
 
+// Writes provider-key counters and access-key last-use times in batches, on
+// one thread, and once more when stopped.
+class Flusher final {
+ public:
+  Flusher(KeyPool& pool, Authenticator& auth, absl::Duration interval)
+      : pool_(pool), auth_(auth), interval_(interval), thread_([this] { Loop(); }) {}
+  ~Flusher() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    thread_.join();
+    FlushAll();
+  }
+
+ private:
+  void FlushAll() {
+    if (absl::Status s = pool_.Flush(); !s.ok()) {
+      Log(LogLevel::kWarn, "key counters not written yet", {{"error", std::string(s.message())}});
+    }
+    if (absl::Status s = auth_.FlushLastUsed(); !s.ok()) {
+      Log(LogLevel::kWarn, "access-key last use not written yet",
+          {{"error", std::string(s.message())}});
+    }
+  }
+  void Loop() {
+    std::unique_lock lock(mu_);
+    while (!stop_) {
+      wake_.wait_for(lock, absl::ToChronoMilliseconds(interval_));
+      if (stop_) break;
+      lock.unlock();
+      if (absl::Status s = pool_.Flush(); !s.ok()) {
+        Log(LogLevel::kDebug, "key counters not written yet",
+            {{"error", std::string(s.message())}});
+      }
+      if (absl::Now() - last_used_flush_ > absl::Seconds(10)) {
+        last_used_flush_ = absl::Now();
+        auth_.FlushLastUsed().IgnoreError();  // kept and retried on failure
+      }
+      lock.lock();
+    }
+  }
+
+  KeyPool& pool_;
+  Authenticator& auth_;
+  const absl::Duration interval_;
+  absl::Time last_used_flush_ = absl::Now();
+  std::mutex mu_;
+  std::condition_variable wake_;
+  bool stop_ = false;  // guarded by mu_
+  std::thread thread_;
+};
+
+absl::StatusOr<crypto::MasterKeyRing> LoadMasterKeys(const ServeConfig& config) {
+  if (!config.master_key_file.empty())
+    return crypto::MasterKeyRing::LoadFile(config.master_key_file);
+  const char* env = std::getenv("MODELVAULT_MASTER_KEY");
+  absl::StatusOr<crypto::MasterKeyRing> ring =
+      crypto::MasterKeyRing::Parse(env == nullptr ? "" : env);
+  if (!ring.ok()) return ring.status();
+  if (ring->empty()) {
+    return absl::FailedPreconditionError(
+        "no master key: pass --master-key-file PATH (create one with `modelvault master-key "
+        "generate --out PATH`) or set MODELVAULT_MASTER_KEY");
+  }
+  return ring;
+}
+
+absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(
+    const ServeConfig& config) {
+  if (config.tls_cert_file.empty()) return grpc::InsecureServerCredentials();
+  auto read = [](const std::string& path, std::string& out) -> absl::Status {
+    std::ifstream in(path, std::ios::binary);
+    if (!in) return absl::FailedPreconditionError(absl::StrCat("cannot read ", path));
+    out.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+    return absl::OkStatus();
+  };
+  grpc::SslServerCredentialsOptions options(GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE);
+  grpc::SslServerCredentialsOptions::PemKeyCertPair pair;
+  if (absl::Status s = read(config.tls_key_file, pair.private_key); !s.ok()) return s;
+  if (absl::Status s = read(config.tls_cert_file, pair.cert_chain); !s.ok()) return s;
+  options.pem_key_cert_pairs.push_back(std::move(pair));
+  if (!config.tls_client_ca_file.empty()) {
+    if (absl::Status s = read(config.tls_client_ca_file, options.pem_root_certs); !s.ok()) return s;
+    options.client_certificate_request = GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY;
+  }
+  return grpc::SslServerCredentials(options);
+}
+
 }  // namespace
 
 void BlockShutdownSignals() {
@@ -92,6 +193,15 @@ absl::Status RunServer(const ServeConfig& config) {
     if (absl::Status s = migrator->Up(); !s.ok()) return s;
   }
   if (absl::Status s = migrator->CheckCurrent(); !s.ok()) return s;
+  absl::StatusOr<crypto::MasterKeyRing> master_keys = LoadMasterKeys(config);
+  if (!master_keys.ok()) return master_keys.status();
+  absl::TimeZone key_zone;
+  if (!absl::LoadTimeZone(config.key_time_zone, &key_zone)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--key-time-zone: unknown time zone ", config.key_time_zone));
+  }
+  absl::StatusOr<std::shared_ptr<grpc::ServerCredentials>> credentials = ServerCredentials(config);
+  if (!credentials.ok()) return credentials.status();
 
   storage::DatastoreOptions options;
   options.pool_size = config.pool_size;
@@ -102,17 +212,51 @@ absl::Status RunServer(const ServeConfig& config) {
       (*datastore)->GetOrCreateSecret(kPageTokenSecret, RandomKey);
   if (!token_key.ok()) return token_key.status();
   storage::ResourceStore store(**datastore, *token_key);
+  // Every stored secret must open with the loaded master keys.
+  absl::StatusOr<std::vector<std::uint32_t>> missing =
+      ProviderKeyStore::MissingMasterKeys(**datastore, *master_keys);
+  if (!missing.ok()) return missing.status();
+  if (!missing->empty()) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        "the database holds secrets sealed with master key version(s) ",
+        absl::StrJoin(*missing, ", "),
+        " that are not loaded; add them to the master-key file (run RewrapSecrets before "
+        "removing an old version)"));
+  }
+  absl::StatusOr<std::string> pepper =
+      GetOrCreateSealedSecret(**datastore, *master_keys, "access_key_pepper");
+  if (!pepper.ok()) return pepper.status();
 
   CatalogCache cache;
   absl::StatusOr<std::int64_t> head = cache.Load(**datastore);
   if (!head.ok()) return head.status();
+  Authenticator auth(**datastore, cache, *std::move(pepper));
+  if (absl::Status s = auth.Load(); !s.ok()) return s;
+  KeyPoolOptions pool_options;
+  pool_options.zone = key_zone;
+  KeyPool pool(**datastore, *master_keys, pool_options);
   ChangeHub hub(**datastore, config.feed_poll);
-  hub.AddListener([&cache](const storage::ChangeRecord& change) { cache.Apply(change); });
+  hub.AddListener([&](const storage::ChangeRecord& change) {
+    cache.Apply(change);
+    auth.OnChange(change);
+    if (change.resource_type == "modelvault.dev/ProviderKey") pool.Invalidate(change.resource_name);
+  });
   hub.Start(*head);
+  absl::StatusOr<bool> bootstrapped = BootstrapAdminKey(store, auth, config.admin_key_file);
+  if (!bootstrapped.ok()) {
+    hub.Stop();
+    return bootstrapped.status();
+  }
+  if (*bootstrapped) {
+    hub.Poke();
+    Log(LogLevel::kInfo,
+        "created the first admin access key; use it as `authorization: Bearer "
+        "<token>` and create narrower keys with AccessService",
+        {{"token_file", config.admin_key_file}});
+  }
 
   Executor executor(config.executor_threads, 4096);
-  // Authentication arrives with access keys; until then calls are anonymous.
-  ResourceMethods methods(store, cache, hub, "anonymous");
+  ResourceMethods methods(store, cache, hub);
   methods.SetHooks(
       v1::Model::descriptor(),
       ResourceHooks{CheckModel, [](google::protobuf::Message& m, absl::string_view id) {
@@ -124,7 +268,13 @@ absl::Status RunServer(const ServeConfig& config) {
   std::atomic<bool> draining{false};
   std::atomic<std::int64_t> calls{0};
   std::atomic<std::int64_t> active{0};
-  CatalogService catalog(methods, hub, executor, draining, calls, active);
+  methods.SetHooks(v1::AccessKey::descriptor(), ResourceHooks{CheckAccessKey, nullptr});
+  CallGate gate(auth, executor, draining, calls, active);
+  CatalogService catalog(methods, hub, gate);
+  ProviderKeyStore provider_keys(store, *master_keys, config.max_keys_per_provider);
+  CredentialService credentials_service(methods, provider_keys, pool, gate);
+  AccessService access(methods, auth, gate);
+  Flusher flusher(pool, auth, config.key_flush);
 
   // Reflection describes the built-in health service from this descriptor.
   (void)grpc::health::v1::HealthCheckRequest::descriptor();
@@ -132,9 +282,11 @@ absl::Status RunServer(const ServeConfig& config) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
   int port = 0;
-  builder.AddListeningPort(config.listen, grpc::InsecureServerCredentials(),
-                           absl::StartsWith(config.listen, "unix:") ? nullptr : &port);
+  const bool unix_socket = absl::StartsWith(config.listen, "unix:");
+  builder.AddListeningPort(config.listen, *credentials, unix_socket ? nullptr : &port);
   builder.RegisterService(&catalog);
+  builder.RegisterService(&credentials_service);
+  builder.RegisterService(&access);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<BadRequestInterceptorFactory>());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -148,6 +300,13 @@ absl::Status RunServer(const ServeConfig& config) {
   if (server == nullptr) {
     hub.Stop();
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
+  }
+  if (unix_socket) {
+    // Owner and group only: the sidecar's application shares the group.
+    const std::string path = config.listen.substr(config.listen.find(':') + 1);
+    if (::chmod(path.c_str(), 0660) != 0) {
+      Log(LogLevel::kWarn, "cannot set the socket's mode to 0660", {{"path", path}});
+    }
   }
   std::string address = config.listen;
   if (port > 0)

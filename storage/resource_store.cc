@@ -219,12 +219,18 @@ absl::StatusOr<MutationResult> ResourceStore::Create(const MutationContext& ctx,
     SetTime(*row, "create_time", ctx.now);
     SetTime(*row, "update_time", ctx.now);
     SetString(*row, "etag", "");
+    if (ctx.prepare) {
+      if (absl::Status s = ctx.prepare(tx, *row); !s.ok()) return s;
+    }
     if (absl::Status s = tx.Insert(*schema, *row); !s.ok()) {
       if (absl::IsAlreadyExists(s)) {
         return WithResourceInfo(absl::AlreadyExistsError(absl::StrCat(name, " already exists")),
                                 schema->type(), name);
       }
       return s;
+    }
+    if (ctx.finish) {
+      if (absl::Status s = ctx.finish(tx, *row); !s.ok()) return s;
     }
     SetString(*row, "etag", EtagOf(1));
     absl::StatusOr<std::int64_t> seq = Record(tx, ctx, *schema, *row, "CREATED");
@@ -280,7 +286,9 @@ absl::StatusOr<MutationResult> ResourceStore::Update(const MutationContext& ctx,
     }
     mask.add_paths(path);
   }
-  if (mask.paths_size() == 0) return InvalidField("update_mask", "names no field to update");
+  if (mask.paths_size() == 0 && !ctx.prepare) {
+    return InvalidField("update_mask", "names no field to update");
+  }
 
   MutationResult result;
   absl::Status status = datastore_.ReadWriteTx([&](ReadWriteTx& tx) -> absl::Status {
@@ -299,8 +307,14 @@ absl::StatusOr<MutationResult> ResourceStore::Update(const MutationContext& ctx,
     options.set_replace_repeated_fields(true);
     google::protobuf::util::FieldMaskUtil::MergeMessageTo(patch, mask, options, &row);
     SetTime(row, "update_time", ctx.now);
+    if (ctx.prepare) {
+      if (absl::Status s = ctx.prepare(tx, row); !s.ok()) return s;
+    }
     if (absl::Status s = CheckReferences(tx, *schema, row, ctx.field_prefix); !s.ok()) return s;
     if (absl::Status s = tx.Update(*schema, row, stored->revision); !s.ok()) return s;
+    if (ctx.finish) {
+      if (absl::Status s = ctx.finish(tx, row); !s.ok()) return s;
+    }
     SetString(row, "etag", EtagOf(stored->revision + 1));
     absl::StatusOr<std::int64_t> seq = Record(tx, ctx, *schema, row, "UPDATED");
     if (!seq.ok()) return seq.status();

@@ -28,6 +28,13 @@ struct MutationContext {
   absl::Time now = absl::Now();
   // Prefix of field paths in errors, e.g. "model." for CreateModelRequest.model.
   std::string field_prefix;
+  // Extra work in the mutation's transaction, for resources whose rows carry
+  // more than the resource (secret versions, token hashes). `prepare` may set
+  // server-owned fields of the row before it is written; `finish` runs after
+  // the write (for Delete: before it). An error rolls everything back. With
+  // `prepare`, Update accepts an empty mask (the hook is the change).
+  std::function<absl::Status(ReadWriteTx& tx, google::protobuf::Message& row)> prepare;
+  std::function<absl::Status(ReadWriteTx& tx, const google::protobuf::Message& row)> finish;
 };
 
 struct ListRequest {

@@ -8,7 +8,9 @@
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "google/api/resource.pb.h"
+#include "modelvault/v1/access.pb.h"
 #include "modelvault/v1/catalog_resources.pb.h"
+#include "modelvault/v1/credentials.pb.h"
 #include "modelvault/v1/options.pb.h"
 
 namespace modelvault::storage {
@@ -98,6 +100,7 @@ absl::StatusOr<std::unique_ptr<ResourceSchema>> ResourceSchema::Build(
   for (int i = 0; i < descriptor->field_count(); ++i) {
     const FieldDescriptor* field = descriptor->field(i);
     if (field->name() == kKeyColumn || field->name() == "etag") continue;
+    if (field->options().GetExtension(modelvault::v1::rules).computed()) continue;
     absl::StatusOr<ColumnKind> kind = KindOf(field);
     if (!kind.ok()) return kind.status();
     const auto& rules = field->options().GetExtension(modelvault::v1::rules);
@@ -204,7 +207,8 @@ const SchemaRegistry& SchemaRegistry::Default() {
     auto* r = new SchemaRegistry();
     for (const Descriptor* d :
          {modelvault::v1::Provider::descriptor(), modelvault::v1::ModelFamily::descriptor(),
-          modelvault::v1::Model::descriptor()}) {
+          modelvault::v1::Model::descriptor(), modelvault::v1::ProviderKey::descriptor(),
+          modelvault::v1::AccessKey::descriptor()}) {
       absl::StatusOr<std::unique_ptr<ResourceSchema>> schema = ResourceSchema::Build(d);
       if (!schema.ok()) std::abort();  // a broken proto annotation is a build defect
       r->schemas_.push_back(*std::move(schema));

@@ -55,6 +55,15 @@ absl::Status WithResourceInfo(absl::Status status, absl::string_view type, absl:
   return status;
 }
 
+absl::Status WithRetryInfo(absl::Status status, absl::Duration delay) {
+  google::rpc::RetryInfo info;
+  const std::int64_t micros = absl::ToInt64Microseconds(delay);
+  info.mutable_retry_delay()->set_seconds(micros / 1000000);
+  info.mutable_retry_delay()->set_nanos(static_cast<std::int32_t>((micros % 1000000) * 1000));
+  status.SetPayload(kRetryInfoUrl, absl::Cord(info.SerializeAsString()));
+  return status;
+}
+
 std::string ErrorReason(const absl::Status& status) {
   auto payload = status.GetPayload(kErrorInfoUrl);
   if (!payload.has_value()) return "";

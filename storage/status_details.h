@@ -6,6 +6,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
 // google.rpc error details carried inside absl::Status payloads, so that every
 // layer can attach them and server/grpc_status.cc turns them into the
@@ -14,6 +15,7 @@ namespace modelvault {
 
 inline constexpr absl::string_view kBadRequestUrl = "type.googleapis.com/google.rpc.BadRequest";
 inline constexpr absl::string_view kErrorInfoUrl = "type.googleapis.com/modelvault.v1.ErrorInfo";
+inline constexpr absl::string_view kRetryInfoUrl = "type.googleapis.com/google.rpc.RetryInfo";
 inline constexpr absl::string_view kResourceInfoUrl = "type.googleapis.com/google.rpc.ResourceInfo";
 inline constexpr absl::string_view kErrorDomain = "modelvault.dev";
 
@@ -37,6 +39,9 @@ absl::Status WithErrorInfo(absl::Status status, absl::string_view reason,
 
 // Adds a ResourceInfo{resource_type, resource_name}.
 absl::Status WithResourceInfo(absl::Status status, absl::string_view type, absl::string_view name);
+
+// Adds a RetryInfo{retry_delay} (google.rpc.RetryInfo).
+absl::Status WithRetryInfo(absl::Status status, absl::Duration delay);
 
 // The reason of an ErrorInfo payload, or "" (tests, clients).
 std::string ErrorReason(const absl::Status& status);

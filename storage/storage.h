@@ -75,9 +75,26 @@ struct IdempotencyRecord {
   std::string response;  // serialized response message
 };
 
+// A parameter or result cell of a hand-written statement; nullopt is NULL.
+using SqlCell = std::optional<SqlValue>;
+// The type a result column is read as.
+enum class SqlType { kInt64, kText };
+using SqlRow = std::vector<SqlCell>;
+
+// Cell accessors: the value, or `fallback` when NULL or of the other type.
+std::int64_t CellInt(const SqlCell& cell, std::int64_t fallback = 0);
+std::string CellText(const SqlCell& cell);
+
 class Reader {
  public:
   virtual ~Reader() = default;
+
+  // Runs a hand-written SELECT (the behaviour that is not plain CRUD: key
+  // acquisition, counters, hashes). Parameters are named :p0, :p1, ... in
+  // the order of `params`; `columns` gives each result column's type.
+  virtual absl::StatusOr<std::vector<SqlRow>> Query(absl::string_view sql,
+                                                    const std::vector<SqlCell>& params,
+                                                    const std::vector<SqlType>& columns) = 0;
 
   virtual absl::StatusOr<StoredResource> Get(const ResourceSchema& schema,
                                              absl::string_view name) = 0;
@@ -117,6 +134,10 @@ class ReadWriteTx : public Reader {
   // Appends to the change feed; fills record.seq. Records commit in seq order.
   virtual absl::Status AppendChange(ChangeRecord& record) = 0;
   virtual absl::Status SaveRequest(const IdempotencyRecord& record) = 0;
+  // Runs a hand-written INSERT/UPDATE/DELETE (parameters as in Query);
+  // returns the number of rows affected.
+  virtual absl::StatusOr<std::int64_t> Exec(absl::string_view sql,
+                                            const std::vector<SqlCell>& params) = 0;
 };
 
 // Capabilities that differ between engines (named so tests can skip by name).

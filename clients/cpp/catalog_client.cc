@@ -1,5 +1,6 @@
 #include "clients/cpp/catalog_client.h"
 
+#include "clients/cpp/channel.h"
 #include "google/protobuf/util/time_util.h"
 #include "grpcpp/grpcpp.h"
 #include "server/grpc_status.h"
@@ -9,9 +10,13 @@ namespace modelvault::client {
 using server::FromGrpcStatus;
 
 std::unique_ptr<CatalogClient> CatalogClient::Connect(const std::string& target,
+                                                      const std::string& token,
                                                       absl::Duration deadline) {
-  return std::make_unique<CatalogClient>(
-      grpc::CreateChannel(target, grpc::InsecureChannelCredentials()), deadline);
+  ChannelOptions options;
+  options.token = token;
+  absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(target, options);
+  if (!channel.ok()) return nullptr;  // plaintext channels are always created
+  return std::make_unique<CatalogClient>(*std::move(channel), deadline);
 }
 
 CatalogClient::CatalogClient(std::shared_ptr<grpc::Channel> channel, absl::Duration deadline)

@@ -16,8 +16,8 @@ namespace modelvault::client {
 // List helpers that follow page tokens.
 class CatalogClient final {
  public:
-  // `target`: host:port or unix:PATH.
-  static std::unique_ptr<CatalogClient> Connect(const std::string& target,
+  // `target`: host:port or unix:PATH; every call carries `token`.
+  static std::unique_ptr<CatalogClient> Connect(const std::string& target, const std::string& token,
                                                 absl::Duration deadline = absl::Seconds(10));
   explicit CatalogClient(std::shared_ptr<grpc::Channel> channel,
                          absl::Duration deadline = absl::Seconds(10));

@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "clients/cpp/catalog_client.h"
+#include "clients/cpp/channel.h"
 #include "google/protobuf/util/json_util.h"
 #include "server/config.h"
 
@@ -40,14 +41,16 @@ void PrintJson(const google::protobuf::Message& m) {
 }  // namespace
 
 int RunCatalogCommand(const std::string& noun, const std::vector<std::string>& args) {
-  absl::StatusOr<server::Flags> flags =
-      server::Flags::Parse(args, {"target", "filter", "parent", "order-by", "json"}, {"json"});
+  absl::StatusOr<server::Flags> flags = server::Flags::Parse(
+      args, {"target", "filter", "parent", "order-by", "json", "token-file"}, {"json"});
   if (!flags.ok() || flags->positional().empty()) {
     std::cerr << (flags.ok() ? "" : std::string(flags.status().message()) + "\n") << kUsage;
     return 2;
   }
   const std::string verb = flags->positional()[0];
-  auto client = CatalogClient::Connect(flags->Get("target", "127.0.0.1:50051"));
+  absl::StatusOr<std::string> token = TokenFromEnvironment(flags->Get("token-file"));
+  if (!token.ok()) return Fail(token.status());
+  auto client = CatalogClient::Connect(flags->Get("target", "127.0.0.1:50051"), *token);
   const bool json = flags->Has("json");
   if (noun == "providers" && verb == "list") {
     auto providers = client->ListAllProviders(flags->Get("filter"));

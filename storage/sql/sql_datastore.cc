@@ -21,7 +21,8 @@ using google::protobuf::Message;
 
 // Prepares `sql` with `params` (and `row` as the into() targets) and runs it;
 // true when a row was fetched.
-bool Query(soci::statement& statement, const std::string& sql, Params& params, RowBuffer* row) {
+bool RunStatement(soci::statement& statement, const std::string& sql, Params& params,
+                  RowBuffer* row) {
   if (row != nullptr) row->BindTo(statement);
   params.BindTo(statement);
   statement.alloc();
@@ -33,8 +34,21 @@ bool Query(soci::statement& statement, const std::string& sql, Params& params, R
 // Runs a statement with named parameters; returns the affected row count.
 std::int64_t Execute(soci::session& session, const std::string& sql, Params& params) {
   soci::statement statement(session);
-  Query(statement, sql, params, nullptr);
+  RunStatement(statement, sql, params, nullptr);
   return statement.get_affected_rows();
+}
+
+Params BindCells(const std::vector<SqlCell>& cells) {
+  Params params;
+  for (size_t i = 0; i < cells.size(); ++i) {
+    std::string name = absl::StrCat("p", i);
+    if (!cells[i].has_value()) {
+      params.AddString(std::move(name), "", /*null=*/true);
+    } else {
+      params.Add(std::move(name), *cells[i]);
+    }
+  }
+  return params;
 }
 
 class SqlTx final : public ReadWriteTx {
@@ -98,7 +112,7 @@ class SqlTx final : public ReadWriteTx {
       ListResult result;
       RowBuffer row(schema);
       soci::statement statement(session_);
-      bool have = Query(statement, sql, params, &row);
+      bool have = RunStatement(statement, sql, params, &row);
       while (have) {
         if (static_cast<int>(result.items.size()) == query.limit) {
           result.more = true;
@@ -272,6 +286,52 @@ class SqlTx final : public ReadWriteTx {
     }
   }
 
+  absl::StatusOr<std::vector<SqlRow>> Query(absl::string_view sql,
+                                            const std::vector<SqlCell>& params,
+                                            const std::vector<SqlType>& columns) override {
+    return Guard<std::vector<SqlRow>>([&]() -> absl::StatusOr<std::vector<SqlRow>> {
+      Params bound = BindCells(params);
+      struct Target {
+        std::string text;
+        long long number = 0;  // NOLINT(google-runtime-int): SOCI's 64-bit type
+        soci::indicator indicator = soci::i_ok;
+      };
+      std::deque<Target> targets(columns.size());
+      soci::statement statement(session_);
+      for (size_t i = 0; i < columns.size(); ++i) {
+        if (columns[i] == SqlType::kInt64) {
+          statement.exchange(soci::into(targets[i].number, targets[i].indicator));
+        } else {
+          statement.exchange(soci::into(targets[i].text, targets[i].indicator));
+        }
+      }
+      std::vector<SqlRow> rows;
+      bool have = RunStatement(statement, std::string(sql), bound, nullptr);
+      while (have) {
+        SqlRow row(columns.size());
+        for (size_t i = 0; i < columns.size(); ++i) {
+          if (targets[i].indicator == soci::i_null) continue;
+          if (columns[i] == SqlType::kInt64) {
+            row[i] = static_cast<std::int64_t>(targets[i].number);
+          } else {
+            row[i] = targets[i].text;
+          }
+        }
+        rows.push_back(std::move(row));
+        have = statement.fetch();
+      }
+      return rows;
+    });
+  }
+
+  absl::StatusOr<std::int64_t> Exec(absl::string_view sql,
+                                    const std::vector<SqlCell>& params) override {
+    return Guard<std::int64_t>([&]() -> absl::StatusOr<std::int64_t> {
+      Params bound = BindCells(params);
+      return Execute(session_, std::string(sql), bound);
+    });
+  }
+
   bool broken() const { return broken_; }
 
   absl::Status Ping() {
@@ -341,7 +401,7 @@ class SqlTx final : public ReadWriteTx {
         }
       }
       ListResult result;
-      bool have = Query(statement, sql, params, nullptr);
+      bool have = RunStatement(statement, sql, params, nullptr);
       while (have) {
         if (static_cast<int>(result.items.size()) == query.limit) {
           result.more = true;
@@ -386,7 +446,7 @@ class SqlTx final : public ReadWriteTx {
       params.AddString("name", std::string(name));
       RowBuffer row(schema);
       soci::statement statement(session_);
-      if (!Query(statement, sql, params, &row)) {
+      if (!RunStatement(statement, sql, params, &row)) {
         return absl::NotFoundError(absl::StrCat(name, " does not exist"));
       }
       StoredResource out{std::unique_ptr<Message>(NewMessage(schema)), 0, {}};
@@ -514,6 +574,18 @@ class SqlDatastore final : public Datastore {
 };
 
 }  // namespace
+
+std::int64_t CellInt(const SqlCell& cell, std::int64_t fallback) {
+  if (!cell.has_value()) return fallback;
+  if (const auto* v = std::get_if<std::int64_t>(&*cell)) return *v;
+  return fallback;
+}
+
+std::string CellText(const SqlCell& cell) {
+  if (!cell.has_value()) return "";
+  if (const auto* v = std::get_if<std::string>(&*cell)) return *v;
+  return "";
+}
 
 absl::StatusOr<std::unique_ptr<Datastore>> OpenDatastore(absl::string_view url,
                                                          const DatastoreOptions& options) {

@@ -1671,9 +1671,17 @@ TEST_P(CatalogApiTest, BufCurlUsesReflection) {
                                        "/node_modules/.bin/buf' curl --protocol grpc "
                                        "--http2-prior-knowledge ");
   const std::string base = absl::StrCat("http://", server_->target());
-
-  const CommandResult get = RunShell(absl::StrCat(
+  // Reflection and health need no access key; the services do.
+  const std::string authed =
+      absl::StrCat(buf, "-H 'authorization: Bearer ", server_->token(), "' ");
+  const CommandResult anonymous = RunShell(absl::StrCat(
       buf, base, "/modelvault.v1.CatalogService/GetModel -d '{\"name\":\"", model->name(), "\"}'"));
+  EXPECT_NE(anonymous.exit_code, 0);
+  EXPECT_THAT(anonymous.output, HasSubstr("unauthenticated"));
+
+  const CommandResult get =
+      RunShell(absl::StrCat(authed, base, "/modelvault.v1.CatalogService/GetModel -d '{\"name\":\"",
+                            model->name(), "\"}'"));
   ASSERT_EQ(get.exit_code, 0) << get.output;
   EXPECT_THAT(get.output, HasSubstr("\"displayName\": \"Curled Model\""));
   v1::Model parsed;
@@ -1694,7 +1702,7 @@ TEST_P(CatalogApiTest, BufCurlUsesReflection) {
 
   // Errors reach a foreign client with their code.
   const CommandResult missing = RunShell(absl::StrCat(
-      buf, base,
+      authed, base,
       "/modelvault.v1.CatalogService/GetModel -d '{\"name\":\"providers/acme/models/nope\"}'"));
   EXPECT_NE(missing.exit_code, 0);
   EXPECT_THAT(missing.output, HasSubstr("not_found"));
@@ -1729,24 +1737,27 @@ TEST_P(CatalogApiTest, CliSeedListAndGet) {
   EXPECT_EQ(all.providers_size() + all.model_families_size() + all.models_size(), created);
 
   const std::string target = server_->target();
-  const CommandResult models = RunModelvault({"models", "list", "--target", target});
+  const CommandResult models =
+      RunModelvault({"models", "list", "--target", target, "--token-file", server_->token_file()});
   ASSERT_EQ(models.exit_code, 0) << models.output;
   EXPECT_THAT(models.output, HasSubstr(gpt4o));
   for (const v1::Model& m : all.models()) EXPECT_THAT(models.output, HasSubstr(m.name()));
 
   const CommandResult filtered =
-      RunModelvault({"models", "list", "--target", target, "--parent", "providers/anthropic",
-                     "--filter", "supports_tools = true"});
+      RunModelvault({"models", "list", "--target", target, "--token-file", server_->token_file(),
+                     "--parent", "providers/anthropic", "--filter", "supports_tools = true"});
   ASSERT_EQ(filtered.exit_code, 0) << filtered.output;
   EXPECT_THAT(filtered.output, ::testing::Not(HasSubstr(gpt4o)));
 
-  const CommandResult get = RunModelvault({"models", "get", gpt4o, "--target", target});
+  const CommandResult get = RunModelvault(
+      {"models", "get", gpt4o, "--target", target, "--token-file", server_->token_file()});
   ASSERT_EQ(get.exit_code, 0) << get.output;
   v1::Model printed;
   ASSERT_TRUE(google::protobuf::util::JsonStringToMessage(get.output, &printed).ok()) << get.output;
   EXPECT_THAT(printed, EqualsProto(*model));
 
-  const CommandResult providers = RunModelvault({"providers", "list", "--target", target});
+  const CommandResult providers = RunModelvault(
+      {"providers", "list", "--target", target, "--token-file", server_->token_file()});
   ASSERT_EQ(providers.exit_code, 0) << providers.output;
   std::vector<std::string> listed;
   for (absl::string_view line : absl::StrSplit(providers.output, '\n')) {
@@ -1761,7 +1772,8 @@ TEST_P(CatalogApiTest, CliSeedListAndGet) {
 
   // A missing model: a non-zero exit and the code on stderr.
   const CommandResult missing =
-      RunModelvault({"models", "get", "providers/openai/models/nope", "--target", target});
+      RunModelvault({"models", "get", "providers/openai/models/nope", "--target", target,
+                     "--token-file", server_->token_file()});
   EXPECT_NE(missing.exit_code, 0);
   EXPECT_THAT(missing.output, HasSubstr("NOT_FOUND"));
 }

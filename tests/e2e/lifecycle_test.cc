@@ -64,9 +64,9 @@ using Stub = v1::CatalogService::Stub;
 
 constexpr char kSeededModel[] = "providers/openai/models/gpt-5";
 
-std::unique_ptr<Stub> StubFor(const std::string& target) {
-  return v1::CatalogService::NewStub(
-      grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+// A stub on a fresh channel carrying the server's admin key.
+std::unique_ptr<Stub> StubFor(const ServerProcess& server) {
+  return v1::CatalogService::NewStub(server.Channel());
 }
 
 void SetDeadline(grpc::ClientContext& context, absl::Duration timeout = absl::Seconds(30)) {
@@ -209,7 +209,7 @@ using SigtermTest = EngineLifecycleTest;
 TEST_P(SigtermTest, EndsWatchStreamWithItsCursorAndResumesOnANewServer) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> server = StartServer();
   ASSERT_TRUE(server.ok()) << server.status();
-  std::unique_ptr<Stub> stub = StubFor((*server)->target());
+  std::unique_ptr<Stub> stub = StubFor(**server);
 
   grpc::ClientContext watch;
   SetDeadline(watch, absl::Seconds(60));
@@ -257,7 +257,7 @@ TEST_P(SigtermTest, EndsWatchStreamWithItsCursorAndResumesOnANewServer) {
   // (only checkpoints, at the same position), then the next write arrives.
   absl::StatusOr<std::unique_ptr<ServerProcess>> next = StartServer();
   ASSERT_TRUE(next.ok()) << next.status();
-  std::unique_ptr<Stub> next_stub = StubFor((*next)->target());
+  std::unique_ptr<Stub> next_stub = StubFor(**next);
   grpc::ClientContext resume;
   SetDeadline(resume, absl::Seconds(60));
   v1::WatchCatalogRequest request;
@@ -391,8 +391,8 @@ TEST_F(PostgresLifecycleTest, ReplicasSeeEachOthersWrites) {
   absl::StatusOr<std::unique_ptr<ServerProcess>> b =
       ServerProcess::Start(url(), {"--feed-poll-ms", "100"});
   ASSERT_TRUE(b.ok()) << b.status();
-  std::unique_ptr<Stub> stub_a = StubFor((*a)->target());
-  std::unique_ptr<Stub> stub_b = StubFor((*b)->target());
+  std::unique_ptr<Stub> stub_a = StubFor(**a);
+  std::unique_ptr<Stub> stub_b = StubFor(**b);
 
   // A watch on B, live before the write.
   grpc::ClientContext watch;
@@ -488,7 +488,7 @@ TEST_F(PostgresLifecycleTest, ServeRefusesAnUnmigratedDatabaseUnlessToldToMigrat
   absl::StatusOr<std::unique_ptr<ServerProcess>> server =
       ServerProcess::Start(url(), {"--migrate"});
   ASSERT_TRUE(server.ok()) << server.status();
-  std::unique_ptr<Stub> stub = StubFor((*server)->target());
+  std::unique_ptr<Stub> stub = StubFor(**server);
   absl::StatusOr<v1::ListProvidersResponse> providers = ListProviders(*stub);
   EXPECT_TRUE(providers.ok()) << providers.status();
   EXPECT_EQ((*server)->Stop(SIGTERM), 0) << (*server)->Log();
@@ -541,11 +541,19 @@ TEST_F(PostgresLifecycleTest, MigrateStatusAndDown) {
   ASSERT_EQ(applied.exit_code, 0) << applied.output;
   EXPECT_EQ(MigrationState(applied, "0001_catalog"), "applied") << applied.output;
 
+  EXPECT_EQ(MigrationState(applied, "0002_credentials"), "applied") << applied.output;
+
+  // Down reverts the newest migration only.
   const CommandResult down = RunModelvault({"migrate", "down", "--database", url()});
   ASSERT_EQ(down.exit_code, 0) << down.output;
   const CommandResult reverted = RunModelvault({"migrate", "status", "--database", url()});
   ASSERT_EQ(reverted.exit_code, 0) << reverted.output;
-  EXPECT_EQ(MigrationState(reverted, "0001_catalog"), "pending") << reverted.output;
+  EXPECT_EQ(MigrationState(reverted, "0002_credentials"), "pending") << reverted.output;
+  EXPECT_EQ(MigrationState(reverted, "0001_catalog"), "applied") << reverted.output;
+  const CommandResult down_again = RunModelvault({"migrate", "down", "--database", url()});
+  ASSERT_EQ(down_again.exit_code, 0) << down_again.output;
+  const CommandResult empty = RunModelvault({"migrate", "status", "--database", url()});
+  EXPECT_EQ(MigrationState(empty, "0001_catalog"), "pending") << empty.output;
 
   // Reverted means serving needs a migration again.
   const CommandResult refused = ServeExpectingFailure(url());
@@ -560,7 +568,7 @@ TEST(SqliteLifecycleTest, ServeMigratesByDefault) {
   const std::string url = (*database)->url();
   absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(url);
   ASSERT_TRUE(server.ok()) << server.status();
-  std::unique_ptr<Stub> stub = StubFor((*server)->target());
+  std::unique_ptr<Stub> stub = StubFor(**server);
   absl::StatusOr<v1::ListProvidersResponse> providers = ListProviders(*stub);
   EXPECT_TRUE(providers.ok()) << providers.status();
   EXPECT_TRUE(CreateProvider(*stub, "sqlite-default").ok());
@@ -584,17 +592,21 @@ TEST(UnixSocketTest, ServesOnAUnixSocket) {
   ASSERT_TRUE(started.ok()) << started.status();
   ServerProcess& server = **started;
   EXPECT_EQ(server.target(), target);
-  absl::StatusOr<v1::ListProvidersResponse> providers = ListProviders(*StubFor(target));
+  absl::StatusOr<v1::ListProvidersResponse> providers = ListProviders(*StubFor(server));
   ASSERT_TRUE(providers.ok()) << providers.status() << "\n" << server.Log();
 
   // A write and a read over the socket, from a fresh channel.
-  std::unique_ptr<Stub> second = StubFor(target);
+  std::unique_ptr<Stub> second = StubFor(server);
   EXPECT_TRUE(CreateProvider(*second, "over-unix").ok());
   providers = ListProviders(*second);
   ASSERT_TRUE(providers.ok()) << providers.status();
   ASSERT_EQ(providers->providers_size(), 1);
   EXPECT_EQ(providers->providers(0).name(), "providers/over-unix");
   EXPECT_THAT(server.Log(), HasSubstr(socket));
+  // Owner and group may connect, others may not (the sidecar's contract).
+  struct stat info;
+  ASSERT_EQ(stat(socket.c_str(), &info), 0);
+  EXPECT_EQ(info.st_mode & 0777, 0660);
 
   EXPECT_EQ(server.Stop(SIGTERM), 0) << server.Log();
   std::error_code error;

@@ -16,6 +16,9 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
+#include "clients/cpp/channel.h"
+#include "storage/migrate.h"
 
 namespace modelvault::testing {
 
@@ -47,6 +50,36 @@ CommandResult RunModelvault(const std::vector<std::string>& args) {
   return RunShell(absl::StrCat("'", ModelvaultBinary(), "' ", absl::StrJoin(quoted, " ")));
 }
 
+std::string KeyDirFor(const std::string& database_url) {
+  const std::string dir =
+      absl::StrCat("/tmp/mv-e2e-keys/", storage::Sha256Hex(database_url).substr(0, 16));
+  RunShell(absl::StrCat("mkdir -p '", dir, "'"));
+  const std::string key = dir + "/master.key";
+  struct stat info;
+  if (stat(key.c_str(), &info) != 0) {
+    RunModelvault({"master-key", "generate", "--out", key});
+  }
+  return dir;
+}
+
+namespace {
+
+bool HasFlag(const std::vector<std::string>& args, const std::string& flag) {
+  for (const std::string& a : args) {
+    if (a == flag || a.rfind(flag + "=", 0) == 0) return true;
+  }
+  return false;
+}
+
+std::string ReadToken(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return std::string(absl::StripAsciiWhitespace(ss.str()));
+}
+
+}  // namespace
+
 absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     const std::string& database_url, const std::vector<std::string>& extra_args,
     const std::string& listen) {
@@ -58,6 +91,14 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   std::vector<std::string> args = {ModelvaultBinary(), "serve", "--database",  database_url,
                                    "--listen",         listen,  "--port-file", port_file};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
+  const std::string keys = KeyDirFor(database_url);
+  if (!HasFlag(extra_args, "--master-key-file")) {
+    args.insert(args.end(), {"--master-key-file", keys + "/master.key"});
+  }
+  server->token_file_ = keys + "/admin.token";
+  if (!HasFlag(extra_args, "--admin-key-file")) {
+    args.insert(args.end(), {"--admin-key-file", server->token_file_});
+  }
   const pid_t pid = fork();
   if (pid < 0) return absl::InternalError("fork failed");
   if (pid == 0) {
@@ -81,6 +122,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     struct stat info;
     if (unix_socket && stat(listen.substr(5).c_str(), &info) == 0 && S_ISSOCK(info.st_mode)) {
       server->target_ = listen;
+      server->token_ = ReadToken(server->token_file_);
       return server;
     }
     std::ifstream in(port_file);
@@ -88,6 +130,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     if (!unix_socket && in >> port && port > 0) {
       server->port_ = port;
       server->target_ = absl::StrCat("127.0.0.1:", port);
+      server->token_ = ReadToken(server->token_file_);
       return server;
     }
     int status = 0;
@@ -105,8 +148,12 @@ ServerProcess::~ServerProcess() {
   if (pid_ > 0) Stop(SIGKILL, absl::Seconds(10));
 }
 
-std::shared_ptr<grpc::Channel> ServerProcess::Channel() const {
-  return grpc::CreateChannel(target_, grpc::InsecureChannelCredentials());
+std::shared_ptr<grpc::Channel> ServerProcess::Channel() const { return ChannelWithToken(token_); }
+
+std::shared_ptr<grpc::Channel> ServerProcess::ChannelWithToken(const std::string& token) const {
+  client::ChannelOptions options;
+  options.token = token;
+  return *client::MakeChannel(target_, options);  // plaintext channels always build
 }
 
 std::string ServerProcess::Log() const {

@@ -44,12 +44,18 @@ absl::StatusOr<Response> Invoke(
   return response;
 }
 
+// The master-key file and admin-token file the harness uses for a database
+// (shared by every server process on that database, as replicas share them).
+std::string KeyDirFor(const std::string& database_url);
+
 class ServerProcess final {
  public:
   // Starts `modelvault serve --database URL --listen LISTEN EXTRA...` and waits
   // until it listens (or fails with its log in the status). With the default
   // 127.0.0.1:0 the server picks a free port and reports it through a port
-  // file; with `unix:PATH` the harness waits for the socket.
+  // file; with `unix:PATH` the harness waits for the socket. Unless EXTRA
+  // names them, --master-key-file and --admin-key-file point into
+  // KeyDirFor(URL) (a master key is generated there on first use).
   static absl::StatusOr<std::unique_ptr<ServerProcess>> Start(
       const std::string& database_url, const std::vector<std::string>& extra_args = {},
       const std::string& listen = "127.0.0.1:0");
@@ -58,7 +64,14 @@ class ServerProcess final {
   const std::string& target() const { return target_; }  // 127.0.0.1:PORT or unix:PATH
   int port() const { return port_; }
   pid_t pid() const { return pid_; }
+  // A channel whose calls carry the bootstrap admin key.
   std::shared_ptr<grpc::Channel> Channel() const;
+  // A channel whose calls carry `token` (none when empty).
+  std::shared_ptr<grpc::Channel> ChannelWithToken(const std::string& token) const;
+  // The bootstrap admin key of the database, and the file it is in.
+  const std::string& token() const { return token_; }
+  std::string token_file() const { return token_file_; }
+  const std::string& dir() const { return dir_; }
   std::string Log() const;
 
   // Sends `signal` and waits up to `timeout`; returns the exit code, or -1
@@ -72,6 +85,8 @@ class ServerProcess final {
   int port_ = 0;
   std::string target_;
   std::string dir_;
+  std::string token_;
+  std::string token_file_;
 };
 
 // A fresh temporary directory (removed by the caller or left for debugging).

@@ -1,0 +1,85 @@
+#pragma once
+
+#include <functional>
+#include <mutex>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "grpcpp/server_context.h"
+#include "modelvault/v1/access.pb.h"
+#include "modelvault/v1/options.pb.h"
+#include "server/catalog_cache.h"
+#include "storage/storage.h"
+
+// Authentication and authorization of every modelvault RPC: the bearer token
+// is checked in memory (format and checksum first, then the keyed hash
+// against the key's stored hashes, then revocation and expiry), and the
+// caller's scopes against the scope the method declares in the proto.
+// Access keys are resources in the cache, kept coherent by the change feed,
+// so no call waits on the database and a revocation reaches every replica
+// within one feed poll.
+namespace modelvault::server {
+
+struct Caller {
+  std::string principal;  // "accessKeys/<id>": who the audit trail names
+  std::string owner;      // the key's owner, e.g. "service:gateway"
+  std::vector<v1::Scope> scopes;
+  absl::Time expire_time = absl::InfiniteFuture();
+};
+
+// Whether `scopes` grant `required` (ADMIN grants all; a WRITE scope grants
+// the READ scope of its area).
+bool Grants(const std::vector<v1::Scope>& scopes, v1::Scope required);
+
+class Authenticator final {
+ public:
+  Authenticator(storage::Datastore& datastore, CatalogCache& cache, std::string pepper,
+                std::function<absl::Time()> clock = absl::Now);
+
+  // Loads every access key's token hashes (blocking; at startup).
+  absl::Status Load();
+  // Change-feed listener: reloads the hashes of a changed access key
+  // (blocking; called on the change hub's thread).
+  void OnChange(const storage::ChangeRecord& change);
+  // Records hashes written by this replica.
+  void SetHashes(const std::string& name, std::string current, std::string previous);
+
+  // The caller of an RPC to `method` ("/modelvault.v1.Svc/Method"):
+  // UNAUTHENTICATED without a valid token, PERMISSION_DENIED without the
+  // method's scope. Never touches the database.
+  absl::StatusOr<Caller> Authenticate(const grpc::ServerContextBase& context,
+                                      absl::string_view method);
+  // The principal of a token, for VerifyAccessKey (UNAUTHENTICATED when not valid).
+  absl::StatusOr<Caller> Verify(absl::string_view token);
+
+  // The keyed hash stored for `token`.
+  std::string Hash(absl::string_view token) const;
+
+  // Keys used since the last call, with their latest use (to be written).
+  std::vector<std::pair<std::string, absl::Time>> TakeLastUsed();
+  // Writes TakeLastUsed() to the access_keys rows (blocking).
+  absl::Status FlushLastUsed();
+
+ private:
+  struct Hashes {
+    std::string current;
+    std::string previous;
+  };
+
+  storage::Datastore& datastore_;
+  CatalogCache& cache_;
+  const std::string pepper_;
+  const std::function<absl::Time()> clock_;
+  absl::flat_hash_map<std::string, v1::Scope> method_scopes_;  // immutable after construction
+
+  std::mutex mu_;
+  absl::flat_hash_map<std::string, Hashes> hashes_;         // by key name; guarded by mu_
+  absl::flat_hash_map<std::string, absl::Time> last_used_;  // guarded by mu_
+};
+
+}  // namespace modelvault::server
