@@ -1,7 +1,10 @@
-// mv_loadgen: a closed-loop load generator for CatalogService reads, on the
-// gRPC callback client API.
+// mv_loadgen: a closed-loop load generator for modelvault's hot paths
+// (catalog reads, key acquisition, access-key verification), on the gRPC
+// callback client API.
 //
-//   mv_loadgen --target 127.0.0.1:50061 --method GetModel|ListModels
+//   mv_loadgen --target 127.0.0.1:50061
+//              --method GetModel|ListModels|AcquireProviderKey|VerifyAccessKey
+//              [--provider providers/openai] [--token TOKEN]
 //              [--channels 4] [--inflight 32] [--seconds 5] [--warmup 1]
 //              [--name providers/openai/models/gpt-4o] [--parent providers/-]
 //              [--page-size 50] [--metadata KEY=VALUE]
@@ -21,7 +24,9 @@
 // latencies; calls counts every call of the window, errors the non-OK ones;
 // total_calls every call the server answered during the whole run (warm-up
 // and drain included, for dividing the server's CPU time of the whole run);
-// items_per_call the mean number of models per OK response. A
+// items_per_call the mean number of models per OK response; total_ok the OK
+// calls of the whole run (for AcquireProviderKey: every acquisition the
+// server counted, to check its counters exactly). A
 // human-readable summary goes to stderr. Exits 0 when the window holds at
 // least one call and no error, 1 otherwise, 2 on bad flags.
 
@@ -46,7 +51,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "flags.h"
+#include "modelvault/v1/access.grpc.pb.h"
 #include "modelvault/v1/catalog.grpc.pb.h"
+#include "modelvault/v1/credentials.grpc.pb.h"
 
 namespace modelvault::bench {
 namespace {
@@ -57,7 +64,7 @@ using Clock = std::chrono::steady_clock;
 constexpr auto kCallDeadline = std::chrono::seconds(10);
 constexpr int kCodes = 17;  // grpc::StatusCode values 0..16.
 
-enum class Method { kGetModel, kListModels };
+enum class Method { kGetModel, kListModels, kAcquireProviderKey, kVerifyAccessKey };
 
 struct Options {
   std::string target;
@@ -69,11 +76,14 @@ struct Options {
   std::string name;
   std::string parent;
   int32_t page_size = 50;
+  std::string provider;      // AcquireProviderKey
+  std::string verify_token;  // VerifyAccessKey
   std::string metadata_key;  // Sent with every call when not empty.
   std::string metadata_value;
 };
 
 struct Result {
+  int64_t total_ok = 0;  // OK calls of the whole run, warm-up and drain included
   int64_t ok = 0;
   int64_t calls = 0;
   int64_t total_calls = 0;
@@ -119,18 +129,26 @@ class LoadGenerator final {
     get_request_.set_name(options.name);
     list_request_.set_parent(options.parent);
     list_request_.set_page_size(options.page_size);
+    acquire_request_.set_provider(options.provider);
+    acquire_request_.set_estimated_tokens(100);
+    verify_request_.set_token(options.verify_token);
     for (int c = 0; c < options.channels; ++c) {
       grpc::ChannelArguments args;
       // A subchannel of its own, so a connection of its own, for each channel.
       args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
       args.SetInt("modelvault.bench.channel", c);
-      stubs_.push_back(v1::CatalogService::NewStub(
-          grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args)));
+      auto channel =
+          grpc::CreateCustomChannel(options.target, grpc::InsecureChannelCredentials(), args);
+      stubs_.push_back(v1::CatalogService::NewStub(channel));
+      credential_stubs_.push_back(v1::CredentialService::NewStub(channel));
+      access_stubs_.push_back(v1::AccessService::NewStub(channel));
     }
     for (int c = 0; c < options.channels; ++c) {
       for (int i = 0; i < options.inflight; ++i) {
         auto slot = std::make_unique<Slot>();
         slot->stub = stubs_[c].get();
+        slot->credential_stub = credential_stubs_[c].get();
+        slot->access_stub = access_stubs_[c].get();
         slot->latencies_us.reserve(4096);
         slots_.push_back(std::move(slot));
       }
@@ -160,6 +178,7 @@ class LoadGenerator final {
     result.window_seconds = std::chrono::duration<double>(window_end_ - window_start_).count();
     for (const auto& slot : slots_) {
       result.ok += slot->ok;
+      result.total_ok += slot->total_ok;
       result.calls += slot->ok;
       result.total_calls += slot->total;
       result.items += slot->items;
@@ -182,11 +201,16 @@ class LoadGenerator final {
   // are only touched by that call's completion (and by Run once drained).
   struct Slot {
     v1::CatalogService::Stub* stub = nullptr;
+    v1::CredentialService::Stub* credential_stub = nullptr;
+    v1::AccessService::Stub* access_stub = nullptr;
     std::unique_ptr<grpc::ClientContext> context;
     Clock::time_point sent;
     v1::Model model;
     v1::ListModelsResponse list;
+    v1::AcquireProviderKeyResponse acquired;
+    v1::VerifyAccessKeyResponse verified;
     std::vector<uint32_t> latencies_us;
+    int64_t total_ok = 0;
     int64_t ok = 0;
     int64_t total = 0;
     int64_t items = 0;
@@ -204,25 +228,37 @@ class LoadGenerator final {
       slot->context->AddMetadata(options_.metadata_key, options_.metadata_value);
     }
     auto done = [this, slot](grpc::Status status) { OnDone(slot, status); };
-    if (options_.method == Method::kGetModel) {
-      slot->stub->async()->GetModel(slot->context.get(), &get_request_, &slot->model,
-                                    std::move(done));
-    } else {
-      slot->stub->async()->ListModels(slot->context.get(), &list_request_, &slot->list,
+    switch (options_.method) {
+      case Method::kGetModel:
+        slot->stub->async()->GetModel(slot->context.get(), &get_request_, &slot->model,
                                       std::move(done));
+        break;
+      case Method::kListModels:
+        slot->stub->async()->ListModels(slot->context.get(), &list_request_, &slot->list,
+                                        std::move(done));
+        break;
+      case Method::kAcquireProviderKey:
+        slot->credential_stub->async()->AcquireProviderKey(
+            slot->context.get(), &acquire_request_, &slot->acquired, std::move(done));
+        break;
+      case Method::kVerifyAccessKey:
+        slot->access_stub->async()->VerifyAccessKey(slot->context.get(), &verify_request_,
+                                                    &slot->verified, std::move(done));
+        break;
     }
   }
 
   void OnDone(Slot* slot, const grpc::Status& status) {
     const Clock::time_point now = Clock::now();
     ++slot->total;
+    if (status.ok()) ++slot->total_ok;
     if (now >= window_start_ && now < window_end_) {
       if (status.ok()) {
         ++slot->ok;
         const auto us =
             std::chrono::duration_cast<std::chrono::microseconds>(now - slot->sent).count();
         slot->latencies_us.push_back(static_cast<uint32_t>(std::min<int64_t>(us, UINT32_MAX)));
-        slot->items += options_.method == Method::kGetModel ? 1 : slot->list.models_size();
+        slot->items += options_.method == Method::kListModels ? slot->list.models_size() : 1;
       } else {
         const int code = static_cast<int>(status.error_code());
         const int index = code > 0 && code < kCodes ? code : static_cast<int>(grpc::UNKNOWN);
@@ -242,7 +278,11 @@ class LoadGenerator final {
   const Options options_;
   v1::GetModelRequest get_request_;
   v1::ListModelsRequest list_request_;
+  v1::AcquireProviderKeyRequest acquire_request_;
+  v1::VerifyAccessKeyRequest verify_request_;
   std::vector<std::unique_ptr<v1::CatalogService::Stub>> stubs_;
+  std::vector<std::unique_ptr<v1::CredentialService::Stub>> credential_stubs_;
+  std::vector<std::unique_ptr<v1::AccessService::Stub>> access_stubs_;
   std::vector<std::unique_ptr<Slot>> slots_;
   Clock::time_point window_start_;
   Clock::time_point window_end_;
@@ -262,11 +302,13 @@ uint32_t Percentile(const std::vector<uint32_t>& sorted, double q) {
 
 int Main(int argc, char** argv) {
   Flags flags("mv_loadgen",
-              "--target HOST:PORT --method GetModel|ListModels [--channels N] [--inflight N] "
-              "[--seconds S] [--warmup S] [--name NAME] [--parent PARENT] [--page-size N] "
+              "--target HOST:PORT --method GetModel|ListModels|AcquireProviderKey|VerifyAccessKey "
+              "[--channels N] [--inflight N] [--seconds S] [--warmup S] [--name NAME] "
+              "[--parent PARENT] [--page-size N] [--provider P] [--token T] "
               "[--metadata KEY=VALUE]",
               {{"target", "127.0.0.1:50051", "server address, HOST:PORT"},
-               {"method", "GetModel", "GetModel or ListModels"},
+               {"method", "GetModel",
+                "GetModel, ListModels, AcquireProviderKey or VerifyAccessKey"},
                {"channels", "4", "channels, each with its own connection"},
                {"inflight", "32", "calls kept outstanding per channel"},
                {"seconds", "5", "length of the measured window"},
@@ -274,6 +316,8 @@ int Main(int argc, char** argv) {
                {"name", "providers/openai/models/gpt-4o", "GetModel: the model's name"},
                {"parent", "providers/-", "ListModels: the parent"},
                {"page_size", "50", "ListModels: the page size"},
+               {"provider", "providers/openai", "AcquireProviderKey: the provider"},
+               {"token", "", "VerifyAccessKey: the token to verify"},
                {"metadata", "", "KEY=VALUE header sent with every call, e.g. credentials"}});
   if (!flags.Parse(argc, argv)) return 2;
   Options options;
@@ -296,11 +340,19 @@ int Main(int argc, char** argv) {
     options.method = Method::kGetModel;
   } else if (method == "ListModels") {
     options.method = Method::kListModels;
+  } else if (method == "AcquireProviderKey") {
+    options.method = Method::kAcquireProviderKey;
+  } else if (method == "VerifyAccessKey") {
+    options.method = Method::kVerifyAccessKey;
   } else {
-    std::fprintf(stderr, "mv_loadgen: --method must be GetModel or ListModels, got \"%s\"\n",
+    std::fprintf(stderr,
+                 "mv_loadgen: --method must be GetModel, ListModels, AcquireProviderKey or "
+                 "VerifyAccessKey, got \"%s\"\n",
                  method.c_str());
     return 2;
   }
+  options.provider = flags.Get("provider");
+  options.verify_token = flags.Get("token");
   options.target = flags.Get("target");
   options.channels = static_cast<int>(channels);
   options.inflight = static_cast<int>(inflight);
@@ -328,10 +380,10 @@ int Main(int argc, char** argv) {
       r.ok > 0 ? static_cast<double>(r.items) / static_cast<double>(r.ok) : 0.0;
   std::printf(
       "method=%s rps=%.0f p50_us=%u p99_us=%u errors=%lld calls=%lld total_calls=%lld "
-      "items_per_call=%.2f\n",
+      "items_per_call=%.2f total_ok=%lld\n",
       method.c_str(), rps, Percentile(r.latencies_us, 0.50), Percentile(r.latencies_us, 0.99),
       static_cast<long long>(errors), static_cast<long long>(r.calls),
-      static_cast<long long>(r.total_calls), items_per_call);
+      static_cast<long long>(r.total_calls), items_per_call, static_cast<long long>(r.total_ok));
   std::fflush(stdout);
 
   std::string human = absl::StrFormat(

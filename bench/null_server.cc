@@ -24,7 +24,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "flags.h"
+#include "modelvault/v1/access.grpc.pb.h"
 #include "modelvault/v1/catalog.grpc.pb.h"
+#include "modelvault/v1/credentials.grpc.pb.h"
 #include "modelvault/v1/catalog_resources.pb.h"
 
 namespace modelvault::bench {
@@ -110,6 +112,51 @@ class NullCatalogService final : public v1::CatalogService::CallbackService {
   bool has_more_ = false;
 };
 
+// The hot paths of issue 3 with no work: a fixed acquired key, a fixed
+// verification answer.
+class NullCredentialService final : public v1::CredentialService::CallbackService {
+ public:
+  NullCredentialService() {
+    acquired_.set_key("providers/openai/keys/k1");
+    acquired_.set_secret("sk-proj-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGH");
+    acquired_.set_secret_version(1);
+    acquired_.set_requests_remaining(999999);
+    acquired_.set_tokens_remaining(-1);
+  }
+  grpc::ServerUnaryReactor* AcquireProviderKey(grpc::CallbackServerContext* context,
+                                               const v1::AcquireProviderKeyRequest* /*request*/,
+                                               v1::AcquireProviderKeyResponse* response) override {
+    *response = acquired_;
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+ private:
+  v1::AcquireProviderKeyResponse acquired_;
+};
+
+class NullAccessService final : public v1::AccessService::CallbackService {
+ public:
+  NullAccessService() {
+    verified_.set_valid(true);
+    verified_.set_access_key("accessKeys/0123456789abcdef");
+    verified_.set_owner("service:bench");
+    verified_.add_scopes(v1::SCOPE_ADMIN);
+  }
+  grpc::ServerUnaryReactor* VerifyAccessKey(grpc::CallbackServerContext* context,
+                                            const v1::VerifyAccessKeyRequest* /*request*/,
+                                            v1::VerifyAccessKeyResponse* response) override {
+    *response = verified_;
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+ private:
+  v1::VerifyAccessKeyResponse verified_;
+};
+
 int Run(const std::string& listen, int32_t catalog_size) {
   // Block the stop signals in every thread (gRPC's threads inherit the mask);
   // the main thread takes them with sigwait.
@@ -123,10 +170,14 @@ int Run(const std::string& listen, int32_t catalog_size) {
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
 
   NullCatalogService service(catalog_size);
+  NullCredentialService credentials;
+  NullAccessService access;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
+  builder.RegisterService(&credentials);
+  builder.RegisterService(&access);
   // The transport settings of `modelvault serve` (server/server.cc), so that
   // both servers differ only in what their handlers do.
   builder.SetMaxReceiveMessageSize(4 << 20);

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# `make bench`: catalog read throughput of modelvault against its limit, a null gRPC
+# `make bench`: throughput of modelvault's hot paths against their limit, a null gRPC
 # server answering the same calls with a fixed response (DESIGN.md §8). Assumes the
 # release preset is built (build/release). Runs, one at a time, bench/mv_loadgen against
 # bench/mv_null_server and against `modelvault serve` on a freshly migrated and seeded
-# SQLite database, for GetModel and ListModels, and reports throughput, latency, their
-# ratio and each server's own CPU time per call (read from /proc/<pid>/stat around each
-# run, divided by every call the server answered in that run, warm-up included). Never
-# asserts a time: it prints figures and ratios, also written to build/bench/results.txt.
+# SQLite database, for GetModel, ListModels, AcquireProviderKey (5 keys, 64 callers) and
+# VerifyAccessKey, and reports throughput, latency, their ratio and each server's own CPU
+# time per call (read from /proc/<pid>/stat around each run, divided by every call the
+# server answered in that run, warm-up included). Every call to modelvault carries the
+# bootstrap admin key. After the rounds it checks key accounting: the acquisitions
+# modelvault counted equal those it acknowledged, and with daily limits set, exactly the
+# allowed number is granted. Never asserts a time: it prints figures and ratios, also
+# written to build/bench/results.txt.
 #
 # The null server's ListModels pages hold as many models as modelvault's do (the seeded
 # catalog is smaller than a page of 50), so both servers send the same amount of data.
@@ -40,6 +44,9 @@ out_dir=build/bench
 results=$out_dir/results.txt
 readonly ready_timeout_s=20
 readonly list_page_size=50
+readonly limited_per_key=2000
+buf=node_modules/.bin/buf
+token=""
 
 log() { echo "bench: $*" >&2; }
 die() {
@@ -47,7 +54,7 @@ die() {
   exit 1
 }
 
-for tool in "$loadgen" "$null_server"; do
+for tool in "$loadgen" "$null_server" "$buf"; do
   [ -x "$tool" ] || die "$tool is missing: build it with" \
     "cmake --build build/release --target mv_null_server mv_loadgen -j2 (make bench does)"
 done
@@ -111,6 +118,13 @@ free_port() {
     fi
   done
   die "found no free TCP port"
+}
+
+# mvcall SERVICE/METHOD JSON: one call to modelvault through buf curl, with the admin key.
+mvcall() {
+  "$buf" curl --protocol grpc --http2-prior-knowledge -H "authorization: Bearer $token" \
+    "http://$mv_target/modelvault.v1.$1" -d "$2" 2>>"$tmp/mvcall.err" ||
+    die "modelvault $1 failed: $(tail -n 5 "$tmp/mvcall.err")"
 }
 
 # The value of KEY in a `key=value key=value` line.
@@ -211,10 +225,27 @@ if ((have_modelvault)); then
   "$modelvault" seed --database "$db" >"$tmp/seed.log" 2>&1 ||
     { cat "$tmp/seed.log" >&2; die "modelvault seed failed"; }
   mv_target="127.0.0.1:$(free_port)"
-  "$modelvault" serve --listen "$mv_target" --database "$db" >"$tmp/modelvault.log" 2>&1 &
+  "$modelvault" master-key generate --out "$tmp/master.key" >/dev/null
+  "$modelvault" serve --listen "$mv_target" --database "$db" --master-key-file "$tmp/master.key" \
+    --admin-key-file "$tmp/admin.token" >"$tmp/modelvault.log" 2>&1 &
   mv_pid=$!
   server_pids+=("$mv_pid")
+  for _ in $(seq 100); do [ -s "$tmp/admin.token" ] && break; sleep 0.1; done
+  [ -s "$tmp/admin.token" ] || die "modelvault wrote no admin key ($tmp/modelvault.log)"
+  token=$(<"$tmp/admin.token")
+  # Both servers get the same header, so both parse the same bytes.
+  metadata_args=(--metadata "authorization=Bearer $token")
   wait_ready modelvault "$mv_target" "$mv_pid" "$tmp/modelvault.log"
+  # Five equal keys of one provider for AcquireProviderKey (limits far above the run),
+  # and five keys of another with 2000 requests a day each for the limits check.
+  for i in 1 2 3 4 5; do
+    mvcall CredentialService/CreateProviderKey "{\"parent\":\"providers/openai\",
+      \"provider_key_id\":\"bench-$i\",\"provider_key\":{\"limits\":{\"requests_per_day\":1000000000}},
+      \"secret\":\"sk-bench-$i-0123456789abcdefghijklmnopqrstuvwxyz\"}" >/dev/null
+    mvcall CredentialService/CreateProviderKey "{\"parent\":\"providers/anthropic\",
+      \"provider_key_id\":\"limited-$i\",\"provider_key\":{\"limits\":{\"requests_per_day\":$limited_per_key}},
+      \"secret\":\"sk-ant-limited-$i-0123456789abcdefghijklmnop\"}" >/dev/null
+  done
   probe=$("$loadgen" --target "$mv_target" --method ListModels --page-size "$list_page_size" \
     --channels 1 --inflight 1 --warmup 0 --seconds 0.5 "${metadata_args[@]}" 2>/dev/null) ||
     die "modelvault ListModels fails: $probe"
@@ -235,20 +266,60 @@ wait_ready mv_null_server "$null_target" "$null_pid" "$tmp/null.log"
 
 # fig[SERVER.METHOD.KEY]: the figure of every round, space-separated, then its median.
 declare -A fig
+acknowledged=0
+methods="GetModel ListModels AcquireProviderKey VerifyAccessKey"
 keys="rps p50_us p99_us items_per_call server_cpu_us_per_call"
 for ((round = 1; round <= BENCH_ROUNDS; round++)); do
   ((BENCH_ROUNDS > 1)) && log "round $round of $BENCH_ROUNDS"
-  for method in GetModel ListModels; do
+  for method in $methods; do
     args=()
-    [ "$method" = ListModels ] && args=(--page-size "$list_page_size")
+    case $method in
+      ListModels) args=(--page-size "$list_page_size") ;;
+      # 4 channels x 16 = 64 concurrent callers on 5 keys.
+      AcquireProviderKey) args=(--provider providers/openai --inflight 16) ;;
+      VerifyAccessKey) args=(--token "${token:-mv_0123456789abcdef_x}") ;;
+    esac
     measure null "$null_target" "$null_pid" "$method" "${args[@]}"
     for k in $keys; do fig[null.$method.$k]+="$(field "$line" "$k") "; done
     if ((have_modelvault)); then
       measure modelvault "$mv_target" "$mv_pid" "$method" "${args[@]}"
       for k in $keys; do fig[mv.$method.$k]+="$(field "$line" "$k") "; done
+      [ "$method" = AcquireProviderKey ] && acknowledged=$((acknowledged + $(field "$line" total_ok)))
     fi
   done
 done
+
+# Key accounting: what modelvault counted (flushed every 100 ms) against what it
+# acknowledged; then, with 2000 requests a day on each of 5 keys, exactly 10000 grants.
+accounting=""
+limits=""
+if ((have_modelvault)); then
+  sleep 0.5
+  counted=0
+  per_key=""
+  for i in 1 2 3 4 5; do
+    n=$(mvcall CredentialService/GetProviderKey "{\"name\":\"providers/openai/keys/bench-$i\"}" |
+      grep -o '"requests": "[0-9]*"' | grep -o '[0-9]*' || echo 0)
+    counted=$((counted + n))
+    per_key+="$n "
+  done
+  exact=no
+  ((counted == acknowledged)) && exact=yes
+  accounting="AcquireProviderKey accounting: $acknowledged acknowledged, $counted counted by the keys (exact: $exact); per key: $per_key"
+  log "$accounting"
+  log "limits check: 64 callers against 5 keys x $limited_per_key requests a day"
+  "$loadgen" --target "$mv_target" --method AcquireProviderKey --provider providers/anthropic \
+    --channels 4 --inflight 16 --warmup 0 --seconds 3 "${metadata_args[@]}" \
+    >"$tmp/limits.out" 2>"$tmp/limits.err" || true
+  granted=$(field "$(<"$tmp/limits.out")" total_ok)
+  allowed=$((5 * limited_per_key))
+  respected=no
+  ((granted <= allowed)) && respected=yes
+  limits="limits check: $granted of $allowed allowed acquisitions granted (never exceeded: $respected)"
+  log "$limits"
+  ((granted <= allowed)) || any_errors=1
+  [ "$exact" = yes ] || any_errors=1
+fi
 stop_servers
 
 # The median of space-separated numbers (the lower one of the middle two).
@@ -264,7 +335,7 @@ ratio() {
 }
 
 {
-  echo "modelvault catalog read benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ)," \
+  echo "modelvault hot-path benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ)," \
     "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)"
   echo "$(nproc) cores; load generator: $BENCH_CHANNELS channels x $BENCH_INFLIGHT in flight," \
     "${BENCH_WARMUP} s warm-up + ${BENCH_SECONDS} s per run; modelvault on SQLite"
@@ -276,13 +347,13 @@ ratio() {
     echo "median of $BENCH_ROUNDS rounds (every run is under raw:)"
   fi
   echo
-  fmt="%-16s | %9s | %9s | %5s | %15s | %15s | %16s | %14s\n"
+  fmt="%-18s | %9s | %9s | %5s | %15s | %15s | %16s | %14s\n"
   # shellcheck disable=SC2059
   printf "$fmt" method "null rps" "mv rps" ratio "null p50/p99 us" "mv p50/p99 us" \
     "null cpu us/call" "mv cpu us/call"
   # shellcheck disable=SC2059
   printf "$fmt" "" "" "" "" "" "" "" "" | tr ' |' '-+'
-  for method in GetModel ListModels; do
+  for method in $methods; do
     label=$method
     [ "$method" = ListModels ] && label="ListModels($list_page_size)"
     mv_lat="-"
@@ -299,6 +370,10 @@ ratio() {
   fi
   echo "GetModel target: ratio >= 0.8 (measured $(ratio GetModel))"
   echo "ListModels target: ratio >= 0.8 (measured $(ratio ListModels))"
+  echo "AcquireProviderKey target: ratio >= 0.6 (measured $(ratio AcquireProviderKey))"
+  echo "VerifyAccessKey: ratio $(ratio VerifyAccessKey) (no target)"
+  [ -n "$accounting" ] && echo "$accounting"
+  [ -n "$limits" ] && echo "$limits"
   if ! ((have_modelvault)); then
     echo "modelvault NOT measured: $modelvault does not exist (null server only)"
   fi

@@ -227,7 +227,7 @@ CredentialService::Reactor* CredentialService::RotateProviderKey(
 CredentialService::Reactor* CredentialService::RewrapSecrets(Ctx* c,
                                                              const v1::RewrapSecretsRequest* r,
                                                              v1::RewrapSecretsResponse* o) {
-  return gate_.Offload(c, kService, __func__, [=, this](const Caller&) -> absl::Status {
+  return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) -> absl::Status {
     if (r->batch_size() < 0 || r->batch_size() > 1000) {
       return InvalidField("batch_size", "must be between 0 and 1000");
     }
@@ -237,7 +237,19 @@ CredentialService::Reactor* CredentialService::RewrapSecrets(Ctx* c,
     o->set_master_key_version(keys_.master_keys().current_version());
     o->set_rewrapped(result->rewrapped);
     o->set_unchanged(result->unchanged);
-    return absl::OkStatus();
+    // The audit trail records who rewrapped, and to which version (no secrets).
+    return methods_.store().datastore().ReadWriteTx([&](storage::ReadWriteTx& tx) {
+      storage::ChangeRecord record;
+      record.time = absl::Now();
+      record.resource_type = "modelvault.dev/SecretStore";
+      record.resource_name = "secrets";
+      record.change_type = "UPDATED";
+      record.principal = caller.principal;
+      record.resource_json =
+          absl::StrCat("{\"masterKeyVersion\":", o->master_key_version(),
+                       ",\"rewrapped\":", o->rewrapped(), "}");
+      return tx.AppendChange(record);
+    });
   });
 }
 

@@ -317,7 +317,7 @@ absl::Status RunServer(const ServeConfig& config) {
   Log(LogLevel::kInfo, "modelvault serving",
       {{"address", address},
        {"engine", std::string((*datastore)->engine())},
-       {"catalog_resources", absl::StrCat(cache.size())},
+       {"cached_resources", absl::StrCat(cache.size())},
        {"cursor_seq", absl::StrCat(*head)}});
 
   {
