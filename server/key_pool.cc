@@ -45,6 +45,28 @@ absl::Time TimeOrPast(const SqlCell& cell) {
   return cell.has_value() ? absl::FromUnixMicros(storage::CellInt(cell)) : absl::InfinitePast();
 }
 
+// Today's counters of every key of a provider, as every replica flushed them.
+absl::StatusOr<std::vector<storage::SqlRow>> ReadUsage(storage::Reader& reader,
+                                                       const std::string& provider,
+                                                       const std::string& day) {
+  return reader.Query(
+      "SELECT u.key_name, u.requests, u.tokens FROM provider_key_usage u JOIN provider_keys k "
+      "ON k.name = u.key_name WHERE k.parent = :p0 AND u.day = :p1",
+      {provider, day}, {SqlType::kText, SqlType::kInt64, SqlType::kInt64});
+}
+
+// The shared health of every key of a provider: name, degraded_until,
+// consecutive_failures, last_outcome, last_outcome_time.
+absl::StatusOr<std::vector<storage::SqlRow>> ReadHealth(storage::Reader& reader,
+                                                        const std::string& provider) {
+  return reader.Query(
+      "SELECT h.key_name, h.degraded_until, h.consecutive_failures, h.last_outcome, "
+      "h.last_outcome_time FROM provider_key_health h JOIN provider_keys k ON k.name = "
+      "h.key_name WHERE k.parent = :p0",
+      {provider},
+      {SqlType::kText, SqlType::kInt64, SqlType::kInt64, SqlType::kText, SqlType::kInt64});
+}
+
 }  // namespace
 
 KeyPool::KeyPool(storage::Datastore& datastore, const crypto::MasterKeyRing& keys,
@@ -76,6 +98,15 @@ void KeyPool::Invalidate(absl::string_view key_name) {
   std::lock_guard lock(provider->mu);
   provider->stale = true;
   ++provider->generation;
+}
+
+void KeyPool::ApplyHealth(Key& key, const storage::SqlRow& row) {
+  const absl::Time reported = TimeOrPast(row[4]);
+  if (reported < key.last_outcome_time) return;  // this replica's report is newer
+  key.degraded_until = TimeOrPast(row[1]);
+  key.failures = storage::CellInt(row[2]);
+  v1::KeyOutcome_Parse(storage::CellText(row[3]), &key.last_outcome);
+  key.last_outcome_time = reported;
 }
 
 void KeyPool::Roll(Key& key, const std::string& day) {
@@ -145,31 +176,18 @@ absl::Status KeyPool::Load(absl::string_view provider_name, Provider& provider) 
       }
       it->second->secrets.push_back(std::move(secret));
     }
-    absl::StatusOr<std::vector<storage::SqlRow>> usage = reader.Query(
-        "SELECT u.key_name, u.requests, u.tokens FROM provider_key_usage u JOIN provider_keys k "
-        "ON k.name = u.key_name WHERE k.parent = :p0 AND u.day = :p1",
-        {parent, day}, {SqlType::kText, SqlType::kInt64, SqlType::kInt64});
+    absl::StatusOr<std::vector<storage::SqlRow>> usage = ReadUsage(reader, parent, day);
     if (!usage.ok()) return usage.status();
     for (const storage::SqlRow& row : *usage) {
       auto it = by_name.find(storage::CellText(row[0]));
       if (it == by_name.end()) continue;
       it->second->shared = {storage::CellInt(row[1]), storage::CellInt(row[2])};
     }
-    absl::StatusOr<std::vector<storage::SqlRow>> health = reader.Query(
-        "SELECT h.key_name, h.degraded_until, h.consecutive_failures, h.last_outcome, "
-        "h.last_outcome_time FROM provider_key_health h JOIN provider_keys k ON k.name = "
-        "h.key_name WHERE k.parent = :p0",
-        {parent},
-        {SqlType::kText, SqlType::kInt64, SqlType::kInt64, SqlType::kText, SqlType::kInt64});
+    absl::StatusOr<std::vector<storage::SqlRow>> health = ReadHealth(reader, parent);
     if (!health.ok()) return health.status();
     for (const storage::SqlRow& row : *health) {
       auto it = by_name.find(storage::CellText(row[0]));
-      if (it == by_name.end()) continue;
-      Key& key = *it->second;
-      key.degraded_until = TimeOrPast(row[1]);
-      key.failures = storage::CellInt(row[2]);
-      v1::KeyOutcome_Parse(storage::CellText(row[3]), &key.last_outcome);
-      key.last_outcome_time = TimeOrPast(row[4]);
+      if (it != by_name.end()) ApplyHealth(*it->second, row);
     }
     return absl::OkStatus();
   });
@@ -533,18 +551,10 @@ absl::Status KeyPool::FlushProvider(const std::string& provider_name, Provider& 
   std::vector<storage::SqlRow> usage;
   std::vector<storage::SqlRow> health;
   absl::Status read = datastore_.Read([&](storage::Reader& reader) -> absl::Status {
-    absl::StatusOr<std::vector<storage::SqlRow>> u = reader.Query(
-        "SELECT u.key_name, u.requests, u.tokens FROM provider_key_usage u JOIN provider_keys k "
-        "ON k.name = u.key_name WHERE k.parent = :p0 AND u.day = :p1",
-        {provider_name, day}, {SqlType::kText, SqlType::kInt64, SqlType::kInt64});
+    absl::StatusOr<std::vector<storage::SqlRow>> u = ReadUsage(reader, provider_name, day);
     if (!u.ok()) return u.status();
     usage = *std::move(u);
-    absl::StatusOr<std::vector<storage::SqlRow>> h = reader.Query(
-        "SELECT h.key_name, h.degraded_until, h.consecutive_failures, h.last_outcome, "
-        "h.last_outcome_time FROM provider_key_health h JOIN provider_keys k ON k.name = "
-        "h.key_name WHERE k.parent = :p0",
-        {provider_name},
-        {SqlType::kText, SqlType::kInt64, SqlType::kInt64, SqlType::kText, SqlType::kInt64});
+    absl::StatusOr<std::vector<storage::SqlRow>> h = ReadHealth(reader, provider_name);
     if (!h.ok()) return h.status();
     health = *std::move(h);
     return absl::OkStatus();
@@ -572,13 +582,7 @@ absl::Status KeyPool::FlushProvider(const std::string& provider_name, Provider& 
       }
     }
     for (const storage::SqlRow& row : health) {
-      if (storage::CellText(row[0]) != key->name) continue;
-      const absl::Time reported = TimeOrPast(row[4]);
-      if (reported < key->last_outcome_time) continue;  // ours is newer
-      key->degraded_until = TimeOrPast(row[1]);
-      key->failures = storage::CellInt(row[2]);
-      v1::KeyOutcome_Parse(storage::CellText(row[3]), &key->last_outcome);
-      key->last_outcome_time = reported;
+      if (storage::CellText(row[0]) == key->name) ApplyHealth(*key, row);
     }
   }
   return absl::OkStatus();

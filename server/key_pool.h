@@ -118,6 +118,9 @@ class KeyPool final {
   // Rolls `key` over to `day` (new day: its shared counts start at zero).
   static void Roll(Key& key, const std::string& day);
   static Counts Effective(const Key& key);
+  // Takes a provider_key_health row (ReadHealth) unless this replica's own
+  // report is newer.
+  static void ApplyHealth(Key& key, const storage::SqlRow& row);
 
   storage::Datastore& datastore_;
   const crypto::MasterKeyRing& master_keys_;
