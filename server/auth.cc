@@ -1,5 +1,7 @@
 #include "server/auth.h"
 
+#include <algorithm>
+
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -29,12 +31,11 @@ absl::Time FromProto(const google::protobuf::Timestamp& t) {
 }  // namespace
 
 bool Grants(const std::vector<v1::Scope>& scopes, v1::Scope required) {
-  for (v1::Scope s : scopes) {
-    if (s == required || s == v1::SCOPE_ADMIN) return true;
-    if (s == v1::SCOPE_CATALOG_WRITE && required == v1::SCOPE_CATALOG_READ) return true;
-    if (s == v1::SCOPE_CREDENTIALS_WRITE && required == v1::SCOPE_CREDENTIALS_READ) return true;
-  }
-  return false;
+  return std::ranges::any_of(scopes, [required](v1::Scope s) {
+    return s == required || s == v1::SCOPE_ADMIN ||
+           (s == v1::SCOPE_CATALOG_WRITE && required == v1::SCOPE_CATALOG_READ) ||
+           (s == v1::SCOPE_CREDENTIALS_WRITE && required == v1::SCOPE_CREDENTIALS_READ);
+  });
 }
 
 Authenticator::Authenticator(storage::Datastore& datastore, CatalogCache& cache, std::string pepper,

@@ -36,6 +36,8 @@ class ChangeSink {
 class ChangeHub final {
  public:
   ChangeHub(storage::Datastore& datastore, absl::Duration poll_interval);
+  ChangeHub(const ChangeHub&) = delete;
+  ChangeHub& operator=(const ChangeHub&) = delete;
   ~ChangeHub();
 
   void AddListener(std::function<void(const storage::ChangeRecord&)> listener);

@@ -49,7 +49,7 @@ CredentialService::CredentialService(ResourceMethods& methods, ProviderKeyStore&
                                      KeyPool& pool, CallGate& gate)
     : methods_(methods), keys_(keys), pool_(pool), gate_(gate) {}
 
-absl::Status CredentialService::Describe(std::vector<v1::ProviderKey*> keys) {
+absl::Status CredentialService::Describe(const std::vector<v1::ProviderKey*>& keys) {
   const absl::Time now = pool_.Now();
   const std::string day = pool_.DayOf(now);
   if (absl::Status s = keys_.Describe(keys, day, now); !s.ok()) return s;
@@ -245,9 +245,8 @@ CredentialService::Reactor* CredentialService::RewrapSecrets(Ctx* c,
       record.resource_name = "secrets";
       record.change_type = "UPDATED";
       record.principal = caller.principal;
-      record.resource_json =
-          absl::StrCat("{\"masterKeyVersion\":", o->master_key_version(),
-                       ",\"rewrapped\":", o->rewrapped(), "}");
+      record.resource_json = absl::StrCat("{\"masterKeyVersion\":", o->master_key_version(),
+                                          ",\"rewrapped\":", o->rewrapped(), "}");
       return tx.AppendChange(record);
     });
   });

@@ -39,7 +39,7 @@ class CredentialService final : public v1::CredentialService::CallbackService {
 
  private:
   // Fills the computed fields (versions, counters, health) of read keys.
-  absl::Status Describe(std::vector<v1::ProviderKey*> keys);
+  absl::Status Describe(const std::vector<v1::ProviderKey*>& keys);
 
   ResourceMethods& methods_;
   ProviderKeyStore& keys_;

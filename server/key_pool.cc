@@ -127,9 +127,16 @@ KeyPool::Counts KeyPool::Effective(const Key& key) {
 }
 
 absl::Status KeyPool::Load(absl::string_view provider_name, Provider& provider) {
+  // Loads and flushes take turns (flush_mu_). Otherwise a Load that read the
+  // counters before a Flush wrote them, and swapped its keys in after that
+  // Flush had dropped its `flushing` counts, would lose those counts (in
+  // neither the stale shared counts nor pending/flushing) and let keys run
+  // past their limits. Concurrent loads of a provider also become one.
+  std::lock_guard flush_lock(flush_mu_);
   std::int64_t generation = 0;
   {
     std::lock_guard lock(provider.mu);
+    if (provider.loaded && !provider.stale) return absl::OkStatus();  // loaded meanwhile
     generation = provider.generation;
   }
   const absl::Time now = clock_();

@@ -1,5 +1,6 @@
 #include "server/provider_keys.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -28,10 +29,7 @@ google::protobuf::Timestamp ToProto(std::int64_t micros) {
 bool ValidEnvName(absl::string_view name) {
   if (name.empty() || name.size() > 255) return false;
   if (!absl::ascii_isalpha(name[0]) && name[0] != '_') return false;
-  for (char c : name) {
-    if (!absl::ascii_isalnum(c) && c != '_') return false;
-  }
-  return true;
+  return std::ranges::all_of(name, [](char c) { return absl::ascii_isalnum(c) || c == '_'; });
 }
 
 const storage::ResourceSchema& KeySchema() {
@@ -93,8 +91,9 @@ absl::StatusOr<std::string> ResolveReference(absl::string_view reference) {
 }
 
 std::string SecretHint(absl::string_view secret) {
-  if (secret.size() >= 16)
+  if (secret.size() >= 16) {
     return absl::StrCat(secret.substr(0, 4), "...", secret.substr(secret.size() - 4));
+  }
   if (secret.size() >= 8) return absl::StrCat("...", secret.substr(secret.size() - 2));
   return "...";
 }
@@ -132,12 +131,20 @@ absl::StatusOr<storage::MutationResult> ProviderKeyStore::Create(storage::Mutati
     return absl::FailedPreconditionError(
         "no master key is loaded; start the server with --master-key-file to store secrets");
   }
-  const std::string name = key.name();
+  const std::string& name = key.name();
   const absl::Time now = ctx.now;
   ctx.prepare = [&](storage::ReadWriteTx& tx, google::protobuf::Message& row) -> absl::Status {
     auto& k = static_cast<v1::ProviderKey&>(row);
     absl::StatusOr<std::string> parent = KeySchema().ParentOf(name);
     if (!parent.ok()) return parent.status();
+    // Lock the provider row first, so concurrent creates under it count one
+    // after another (under PostgreSQL's READ COMMITTED both would otherwise
+    // count the same keys and both insert, exceeding the maximum).
+    const storage::ResourceSchema* provider_schema =
+        storage::SchemaRegistry::Default().ForType(KeySchema().parent_type());
+    if (provider_schema == nullptr) return absl::InternalError("no schema for the key's parent");
+    absl::StatusOr<storage::StoredResource> locked = tx.GetForUpdate(*provider_schema, *parent);
+    if (!locked.ok()) return locked.status();
     absl::StatusOr<std::int64_t> count = tx.CountWhere(KeySchema(), "parent", *parent);
     if (!count.ok()) return count.status();
     if (*count >= max_keys_per_provider_) {
@@ -190,8 +197,8 @@ absl::StatusOr<storage::MutationResult> ProviderKeyStore::Rotate(storage::Mutati
   return store_.Update(ctx, patch, {});
 }
 
-absl::Status ProviderKeyStore::Describe(std::vector<v1::ProviderKey*> keys, absl::string_view day,
-                                        absl::Time now) {
+absl::Status ProviderKeyStore::Describe(const std::vector<v1::ProviderKey*>& keys,
+                                        absl::string_view day, absl::Time now) {
   if (keys.empty()) return absl::OkStatus();
   return store_.datastore().Read([&](storage::Reader& reader) -> absl::Status {
     for (v1::ProviderKey* key : keys) {
@@ -260,6 +267,7 @@ absl::StatusOr<ProviderKeyStore::RewrapResult> ProviderKeyStore::Rewrap(int batc
   if (keys_.empty()) return absl::FailedPreconditionError("no master key is loaded");
   const std::int64_t current = keys_.current_version();
   RewrapResult result;
+  std::int64_t key_secrets_rewrapped = 0;
   // Provider-key secrets, a batch per transaction; each row is re-checked in
   // its UPDATE, so concurrent rewraps and rotations never lose a write.
   while (true) {
@@ -290,10 +298,14 @@ absl::StatusOr<ProviderKeyStore::RewrapResult> ProviderKeyStore::Rewrap(int batc
     });
     if (!status.ok()) return status;
     if (done == 0) break;
-    result.rewrapped += done;
+    key_secrets_rewrapped += done;
   }
-  // Server-wide sealed secrets (few rows).
+  result.rewrapped = key_secrets_rewrapped;
+  // Server-wide sealed secrets (few rows). Counted in locals: the function
+  // may run again after a conflict.
+  std::int64_t server_secrets_rewrapped = 0;
   absl::Status status = store_.datastore().ReadWriteTx([&](storage::ReadWriteTx& tx) {
+    server_secrets_rewrapped = 0;
     absl::StatusOr<std::vector<storage::SqlRow>> rows =
         tx.Query("SELECT name, value FROM server_secrets WHERE name LIKE 'sealed:%'", {},
                  {SqlType::kText, SqlType::kText});
@@ -311,18 +323,21 @@ absl::StatusOr<ProviderKeyStore::RewrapResult> ProviderKeyStore::Rewrap(int batc
           tx.Exec("UPDATE server_secrets SET value = :p0 WHERE name = :p1 AND value = :p2",
                   {*sealed, name, value});
       if (!n.ok()) return n.status();
-      result.rewrapped += *n;
+      server_secrets_rewrapped += *n;
     }
     return absl::OkStatus();
   });
   if (!status.ok()) return status;
+  result.rewrapped += server_secrets_rewrapped;
   absl::Status counted = store_.datastore().Read([&](storage::Reader& reader) -> absl::Status {
     absl::StatusOr<std::vector<storage::SqlRow>> rows =
         reader.Query("SELECT COUNT(*) FROM provider_key_secrets WHERE envelope IS NOT NULL", {},
                      {SqlType::kInt64});
     if (!rows.ok()) return rows.status();
+    // Key secrets this call did not rewrap. (`rewrapped` also counts server
+    // secrets, so it must not be subtracted from the key-secret count.)
     result.unchanged =
-        std::max<std::int64_t>(0, storage::CellInt(rows->front()[0]) - result.rewrapped);
+        std::max<std::int64_t>(0, storage::CellInt(rows->front()[0]) - key_secrets_rewrapped);
     return absl::OkStatus();
   });
   if (!counted.ok()) return counted;

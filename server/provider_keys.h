@@ -51,7 +51,8 @@ class ProviderKeyStore final {
                                                  const SecretInput& secret, absl::Duration grace);
   // Fills the computed fields of keys read from storage: secret_versions,
   // today's usage from the database (`day`), health.
-  absl::Status Describe(std::vector<v1::ProviderKey*> keys, absl::string_view day, absl::Time now);
+  absl::Status Describe(const std::vector<v1::ProviderKey*>& keys, absl::string_view day,
+                        absl::Time now);
 
   struct RewrapResult {
     std::int64_t rewrapped = 0;

@@ -228,9 +228,18 @@ absl::Status RunServer(const ServeConfig& config) {
   if (!pepper.ok()) return pepper.status();
 
   CatalogCache cache;
+  Authenticator auth(**datastore, cache, *std::move(pepper));
+  // Before the cache loads, so that the new key is in it when the port opens.
+  absl::StatusOr<bool> bootstrapped = BootstrapAdminKey(store, auth, config.admin_key_file);
+  if (!bootstrapped.ok()) return bootstrapped.status();
+  if (*bootstrapped) {
+    Log(LogLevel::kInfo,
+        "created the first admin access key; send it as `authorization: Bearer <token>` and "
+        "create narrower keys with AccessService",
+        {{"token_file", config.admin_key_file}});
+  }
   absl::StatusOr<std::int64_t> head = cache.Load(**datastore);
   if (!head.ok()) return head.status();
-  Authenticator auth(**datastore, cache, *std::move(pepper));
   if (absl::Status s = auth.Load(); !s.ok()) return s;
   KeyPoolOptions pool_options;
   pool_options.zone = key_zone;
@@ -242,18 +251,6 @@ absl::Status RunServer(const ServeConfig& config) {
     if (change.resource_type == "modelvault.dev/ProviderKey") pool.Invalidate(change.resource_name);
   });
   hub.Start(*head);
-  absl::StatusOr<bool> bootstrapped = BootstrapAdminKey(store, auth, config.admin_key_file);
-  if (!bootstrapped.ok()) {
-    hub.Stop();
-    return bootstrapped.status();
-  }
-  if (*bootstrapped) {
-    hub.Poke();
-    Log(LogLevel::kInfo,
-        "created the first admin access key; use it as `authorization: Bearer "
-        "<token>` and create narrower keys with AccessService",
-        {{"token_file", config.admin_key_file}});
-  }
 
   Executor executor(config.executor_threads, 4096);
   ResourceMethods methods(store, cache, hub);

@@ -2,6 +2,7 @@
 
 #include <sodium.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 
@@ -54,10 +55,7 @@ bool IsBase32Char(char c) { return (c >= 'a' && c <= 'z') || (c >= '2' && c <= '
 
 bool IsValidId(absl::string_view id) {
   if (id.size() != kAccessKeyIdLength) return false;
-  for (char c : id) {
-    if (!IsIdChar(c)) return false;
-  }
-  return true;
+  return std::ranges::all_of(id, IsIdChar);
 }
 
 // The checksum of "mv_<id>_<secret>": the first 4 bytes of unkeyed BLAKE2b

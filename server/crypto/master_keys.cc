@@ -186,9 +186,12 @@ absl::StatusOr<MasterKeyRing> MasterKeyRing::LoadFile(const std::string& path) {
                                                       std::generic_category().message(err)));
   }
   struct Closer {
+    explicit Closer(int f) : fd(f) {}
     int fd;
+    Closer(const Closer&) = delete;
+    Closer& operator=(const Closer&) = delete;
     ~Closer() { close(fd); }
-  } closer{fd};
+  } closer(fd);
 
   struct stat st {};
   if (fstat(fd, &st) != 0) {
@@ -271,8 +274,8 @@ absl::StatusOr<std::string> MasterKeyRing::Seal(absl::string_view plaintext,
 
   std::string bytes(kNonceBytes + plaintext.size() + kTagBytes, '\0');
   auto* nonce = reinterpret_cast<unsigned char*>(bytes.data());
-  randombytes_buf(nonce, kNonceBytes);  // 192-bit random nonces do not collide in practice
-  unsigned long long ciphertext_len = 0;
+  randombytes_buf(nonce, kNonceBytes);    // 192-bit random nonces do not collide in practice
+  unsigned long long ciphertext_len = 0;  // NOLINT(google-runtime-int): libsodium's type
   crypto_aead_xchacha20poly1305_ietf_encrypt(nonce + kNonceBytes, &ciphertext_len, Bytes(plaintext),
                                              plaintext.size(), Bytes(ad), ad.size(), nullptr, nonce,
                                              Bytes(key));
@@ -294,7 +297,7 @@ absl::StatusOr<std::string> MasterKeyRing::Open(absl::string_view envelope,
   const std::string ad = AdditionalData(parsed->version, associated_data);
   const auto* nonce = reinterpret_cast<const unsigned char*>(parsed->bytes.data());
   std::string plaintext(parsed->bytes.size() - kNonceBytes - kTagBytes, '\0');
-  unsigned long long plaintext_len = 0;
+  unsigned long long plaintext_len = 0;  // NOLINT(google-runtime-int): libsodium's type
   if (crypto_aead_xchacha20poly1305_ietf_decrypt(reinterpret_cast<unsigned char*>(plaintext.data()),
                                                  &plaintext_len, nullptr, nonce + kNonceBytes,
                                                  parsed->bytes.size() - kNonceBytes, Bytes(ad),

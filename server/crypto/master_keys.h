@@ -42,7 +42,7 @@ class MasterKeyRing final {
   bool empty() const { return keys_.empty(); }
   // The highest version: the one Seal uses. 0 when empty.
   std::uint32_t current_version() const;
-  bool Has(std::uint32_t version) const { return keys_.count(version) != 0; }
+  bool Has(std::uint32_t version) const { return keys_.contains(version); }
   std::vector<std::uint32_t> versions() const;
 
   // Encrypts under the current version. The result is printable text
