@@ -36,6 +36,7 @@ absl::StatusOr<std::int64_t> CatalogCache::Load(storage::Datastore& datastore) {
   if (!status.ok()) return status;
   std::unique_lock lock(mu_);
   entries_ = std::move(loaded);
+  version_.fetch_add(1, std::memory_order_acq_rel);
   return head;
 }
 
@@ -65,6 +66,7 @@ void CatalogCache::Put(absl::string_view name, std::int64_t seq,
   if (entry.seq > seq) return;
   entry.seq = seq;
   entry.resource = std::move(resource);
+  version_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 std::shared_ptr<const google::protobuf::Message> CatalogCache::Get(absl::string_view name) const {

@@ -1,5 +1,6 @@
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <shared_mutex>
@@ -31,6 +32,8 @@ class CatalogCache final {
 
   // The cached resource, or null when absent.
   std::shared_ptr<const google::protobuf::Message> Get(absl::string_view name) const;
+  // Grows with every change applied: equal versions mean nothing changed in between.
+  std::int64_t version() const { return version_.load(std::memory_order_acquire); }
   size_t size() const;
 
  private:
@@ -40,6 +43,7 @@ class CatalogCache final {
   };
   // std::mutex rather than absl::Mutex: TSan sees it (Debian's Abseil is not instrumented).
   mutable std::shared_mutex mu_;
+  std::atomic<std::int64_t> version_{0};
   absl::flat_hash_map<std::string, Entry> entries_;  // guarded by mu_
 };
 

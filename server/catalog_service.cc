@@ -91,6 +91,15 @@ absl::StatusOr<v1::ModelPrice> PriceAt(const v1::Model& model, absl::Time time) 
 CatalogService::CatalogService(ResourceMethods& methods, ChangeHub& hub, CallGate& gate)
     : methods_(methods), hub_(hub), gate_(gate) {}
 
+CatalogService::Reactor* CatalogService::List(Ctx* c, const char* method, ListCall call,
+                                              google::protobuf::Message* o) {
+  // A repeated query is answered from memory while nothing changed.
+  return gate_.InlineOr(
+      c, kService, method,
+      [this, call, o](const Caller&) { return methods_.ListFromCache(call, o); },
+      [this, call, o](const Caller&) { return methods_.List(call, o); });
+}
+
 // --- Providers ---
 
 CatalogService::Reactor* CatalogService::CreateProvider(Ctx* c, const v1::CreateProviderRequest* r,
@@ -111,11 +120,10 @@ CatalogService::Reactor* CatalogService::GetProvider(Ctx* c, const v1::GetProvid
 
 CatalogService::Reactor* CatalogService::ListProviders(Ctx* c, const v1::ListProvidersRequest* r,
                                                        v1::ListProvidersResponse* o) {
-  return gate_.Offload(c, kService, __func__, [=, this](const Caller&) {
-    return methods_.List(ListCall{v1::Provider::descriptor(), "", false, r->page_size(),
-                                  r->page_token(), r->filter(), r->order_by()},
-                         o);
-  });
+  return List(c, __func__,
+              ListCall{v1::Provider::descriptor(), "", false, r->page_size(), r->page_token(),
+                       r->filter(), r->order_by()},
+              o);
 }
 
 CatalogService::Reactor* CatalogService::UpdateProvider(Ctx* c, const v1::UpdateProviderRequest* r,
@@ -158,11 +166,10 @@ CatalogService::Reactor* CatalogService::GetModelFamily(Ctx* c, const v1::GetMod
 CatalogService::Reactor* CatalogService::ListModelFamilies(Ctx* c,
                                                            const v1::ListModelFamiliesRequest* r,
                                                            v1::ListModelFamiliesResponse* o) {
-  return gate_.Offload(c, kService, __func__, [=, this](const Caller&) {
-    return methods_.List(ListCall{v1::ModelFamily::descriptor(), r->parent(), true, r->page_size(),
-                                  r->page_token(), r->filter(), r->order_by()},
-                         o);
-  });
+  return List(c, __func__,
+              ListCall{v1::ModelFamily::descriptor(), r->parent(), true, r->page_size(),
+                       r->page_token(), r->filter(), r->order_by()},
+              o);
 }
 
 CatalogService::Reactor* CatalogService::UpdateModelFamily(Ctx* c,
@@ -204,11 +211,10 @@ CatalogService::Reactor* CatalogService::GetModel(Ctx* c, const v1::GetModelRequ
 
 CatalogService::Reactor* CatalogService::ListModels(Ctx* c, const v1::ListModelsRequest* r,
                                                     v1::ListModelsResponse* o) {
-  return gate_.Offload(c, kService, __func__, [=, this](const Caller&) {
-    return methods_.List(ListCall{v1::Model::descriptor(), r->parent(), true, r->page_size(),
-                                  r->page_token(), r->filter(), r->order_by()},
-                         o);
-  });
+  return List(c, __func__,
+              ListCall{v1::Model::descriptor(), r->parent(), true, r->page_size(), r->page_token(),
+                       r->filter(), r->order_by()},
+              o);
 }
 
 CatalogService::Reactor* CatalogService::UpdateModel(Ctx* c, const v1::UpdateModelRequest* r,

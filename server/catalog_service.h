@@ -52,6 +52,9 @@ class CatalogService final : public modelvault::v1::CatalogService::CallbackServ
       Ctx* c, const v1::WatchCatalogRequest* r) override;
 
  private:
+  // List through the page cache, else the database.
+  Reactor* List(Ctx* c, const char* method, ListCall call, google::protobuf::Message* o);
+
   ResourceMethods& methods_;
   ChangeHub& hub_;
   CallGate& gate_;

@@ -44,6 +44,22 @@ absl::Status ParentViolation(const storage::ResourceSchema& schema, absl::string
   return absl::OkStatus();
 }
 
+// Appends `item` to the repeated field of `type` in a List response.
+void AddListItem(Message& out, const Descriptor* type, const Message& item) {
+  const Descriptor* d = out.GetDescriptor();
+  for (int i = 0; i < d->field_count(); ++i) {
+    if (d->field(i)->is_repeated() && d->field(i)->message_type() == type) {
+      out.GetReflection()->AddMessage(&out, d->field(i))->CopyFrom(item);
+      return;
+    }
+  }
+}
+
+void SetNextPageToken(Message& out, const std::string& token) {
+  out.GetReflection()->SetString(&out, out.GetDescriptor()->FindFieldByName("next_page_token"),
+                                 token);
+}
+
 }  // namespace
 
 ResourceMethods::ResourceMethods(storage::ResourceStore& store, CatalogCache& cache, ChangeHub& hub)
@@ -200,18 +216,52 @@ absl::Status ResourceMethods::List(const ListCall& call, Message* out) {
   request.order_by = call.order_by;
   storage::ResourceStore::CacheLookup lookup = nullptr;
   if (call.use_cache) lookup = [this](absl::string_view name) { return cache_.Get(name); };
+  // Read before the query: the page is at least as new as this version.
+  const std::int64_t version = cache_.version();
   absl::StatusOr<storage::ListPage> page = store_.List(call.type, request, lookup);
   if (!page.ok()) return page.status();
-  const Descriptor* d = out->GetDescriptor();
-  const FieldDescriptor* items = nullptr;
-  for (int i = 0; i < d->field_count(); ++i) {
-    if (d->field(i)->is_repeated() && d->field(i)->message_type() == call.type) items = d->field(i);
-  }
+  CachedPage cached{{}, page->next_page_token};
   for (auto& item : page->items) {
-    out->GetReflection()->AddMessage(out, items)->CopyFrom(*item);
+    cached.names.push_back(storage::ResourceName(*item));
+    AddListItem(*out, call.type, *item);
   }
-  out->GetReflection()->SetString(out, d->FindFieldByName("next_page_token"),
-                                  page->next_page_token);
+  SetNextPageToken(*out, page->next_page_token);
+  if (call.use_cache) {
+    std::lock_guard lock(lists_mu_);
+    if (lists_version_ != version) {
+      lists_.clear();
+      lists_version_ = version;
+    }
+    if (lists_.size() < kMaxCachedPages) lists_[ListKey(call)] = std::move(cached);
+  }
+  return absl::OkStatus();
+}
+
+std::string ResourceMethods::ListKey(const ListCall& call) {
+  return absl::StrCat(call.type->full_name(), "\n", call.parent, "\n", call.page_size, "\n",
+                      call.page_token, "\n", call.filter, "\n", call.order_by);
+}
+
+std::optional<absl::Status> ResourceMethods::ListFromCache(const ListCall& call, Message* out) {
+  if (!call.use_cache) return std::nullopt;
+  const std::int64_t version = cache_.version();
+  std::vector<std::shared_ptr<const Message>> bodies;
+  std::string next_page_token;
+  {
+    std::lock_guard lock(lists_mu_);
+    if (lists_version_ != version) return std::nullopt;
+    auto it = lists_.find(ListKey(call));
+    if (it == lists_.end()) return std::nullopt;
+    for (const std::string& name : it->second.names) {
+      bodies.push_back(cache_.Get(name));
+      if (bodies.back() == nullptr) return std::nullopt;
+    }
+    next_page_token = it->second.next_page_token;
+  }
+  // A change applied while the bodies were read would mix versions.
+  if (cache_.version() != version) return std::nullopt;
+  for (const auto& body : bodies) AddListItem(*out, call.type, *body);
+  SetNextPageToken(*out, next_page_token);
   return absl::OkStatus();
 }
 

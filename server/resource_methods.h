@@ -1,9 +1,12 @@
 #pragma once
 
 #include <functional>
+#include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
 #include "google/protobuf/field_mask.pb.h"
@@ -91,6 +94,10 @@ class ResourceMethods final {
   absl::Status Delete(const DeleteCall& call);
   // Fills the repeated resource field and next_page_token of `out`.
   absl::Status List(const ListCall& call, google::protobuf::Message* out);
+  // The answer of List from memory when the same call was answered since the
+  // last change the cache applied (a dashboard or gateway polling the
+  // catalog); nullopt when List must ask the database.
+  std::optional<absl::Status> ListFromCache(const ListCall& call, google::protobuf::Message* out);
 
   // The mutation context of a call (idempotency hash of `request`).
   storage::MutationContext Context(const google::protobuf::Message& request, std::string request_id,
@@ -101,10 +108,22 @@ class ResourceMethods final {
 
  private:
   const ResourceHooks* HooksFor(const google::protobuf::Descriptor* type) const;
+  static std::string ListKey(const ListCall& call);
+
+  // Pages answered by List, by ListKey, valid while the cache's version is
+  // `lists_version_` (a change clears them all).
+  struct CachedPage {
+    std::vector<std::string> names;
+    std::string next_page_token;
+  };
+  static constexpr size_t kMaxCachedPages = 1024;
 
   storage::ResourceStore& store_;
   CatalogCache& cache_;
   ChangeHub& hub_;
+  std::mutex lists_mu_;
+  std::int64_t lists_version_ = -1;                     // guarded by lists_mu_
+  absl::flat_hash_map<std::string, CachedPage> lists_;  // guarded by lists_mu_
   std::vector<std::pair<const google::protobuf::Descriptor*, ResourceHooks>> hooks_;
 };
 

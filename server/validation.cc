@@ -186,6 +186,8 @@ void ValidateMessage(const Message& message, absl::string_view prefix,
     const std::string path = absl::StrCat(prefix, f->name());
     if (f->is_repeated()) {
       const int n = r->FieldSize(message, f);
+      // A required list needs at least one element (AccessKey.scopes).
+      if (n == 0 && HasBehavior(f, google::api::REQUIRED)) out.push_back({path, "is required"});
       for (int k = 0; k < n; ++k) CheckField(message, f, absl::StrCat(path, "[", k, "]"), k, out);
       continue;
     }

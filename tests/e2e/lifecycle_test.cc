@@ -464,6 +464,24 @@ TEST_F(PostgresLifecycleTest, ReplicasSeeEachOthersWrites) {
   std::cout << "replica_delete_visibility_ms="
             << absl::ToInt64Milliseconds(absl::Now() - delete_time) << "\n";
 
+  // List answers repeated from memory on B still follow A's writes: list twice on B
+  // (the second from B's page cache), create on A, and B's list shows it.
+  absl::StatusOr<v1::ListProvidersResponse> before = ListProviders(*stub_b);
+  ASSERT_TRUE(before.ok()) << before.status();
+  ASSERT_TRUE(ListProviders(*stub_b).ok());
+  ASSERT_TRUE(CreateProvider(*stub_a, "replica-list").ok());
+  const absl::Time list_write = absl::Now();
+  absl::StatusOr<v1::ListProvidersResponse> after;
+  do {
+    after = ListProviders(*stub_b);
+  } while (after.ok() && after->providers_size() == before->providers_size() &&
+           absl::Now() - list_write < absl::Seconds(10));
+  ASSERT_TRUE(after.ok()) << after.status();
+  ASSERT_EQ(after->providers_size(), before->providers_size() + 1)
+      << "B's list never showed A's new provider";
+  std::cout << "replica_list_visibility_ms="
+            << absl::ToInt64Milliseconds(absl::Now() - list_write) << "\n";
+
   EXPECT_EQ((*a)->Stop(SIGTERM), 0) << (*a)->Log();
   EXPECT_EQ((*b)->Stop(SIGTERM), 0) << (*b)->Log();
 }
