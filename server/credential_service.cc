@@ -237,6 +237,7 @@ CredentialService::Reactor* CredentialService::RewrapSecrets(Ctx* c,
     o->set_master_key_version(keys_.master_keys().current_version());
     o->set_rewrapped(result->rewrapped);
     o->set_unchanged(result->unchanged);
+    for (const std::string& f : result->failed) o->add_failed(f);
     // The audit trail records who rewrapped, and to which version (no secrets).
     return methods_.store().datastore().ReadWriteTx([&](storage::ReadWriteTx& tx) {
       storage::ChangeRecord record;

@@ -268,10 +268,14 @@ std::optional<absl::StatusOr<v1::AcquireProviderKeyResponse>> KeyPool::Pick(
   const absl::Time next_minute = absl::FromUnixSeconds((minute + 1) * 60);
   const std::int64_t estimated = std::max<std::int64_t>(0, request.estimated_tokens());
 
-  Key* best = nullptr;
-  Secret* best_secret = nullptr;
-  size_t best_index = 0;
-  std::int64_t best_requests = 0;
+  // Eligible keys in rotation order; the least used wins, the first of equals.
+  struct Candidate {
+    Key* key;
+    Secret* secret;
+    size_t index;
+    std::int64_t requests;
+  };
+  std::vector<Candidate> candidates;
   absl::Time earliest = absl::InfiniteFuture();
   bool any = false;
   const size_t n = provider.keys.size();
@@ -317,12 +321,37 @@ std::optional<absl::StatusOr<v1::AcquireProviderKeyResponse>> KeyPool::Pick(
       earliest = std::min(earliest, available);
       continue;
     }
-    if (best == nullptr || used.requests < best_requests) {
-      best = &key;
-      best_secret = secret;
-      best_index = index;
-      best_requests = used.requests;
+    candidates.push_back({&key, secret, index, used.requests});
+  }
+  std::stable_sort(candidates.begin(), candidates.end(),
+                   [](const Candidate& x, const Candidate& y) { return x.requests < y.requests; });
+  // A reference that does not resolve passes the turn to the next key; its
+  // error is the answer only when no key is left.
+  Key* best = nullptr;
+  Secret* best_secret = nullptr;
+  size_t best_index = 0;
+  absl::Status unresolved;
+  for (const Candidate& c : candidates) {
+    Secret& secret = *c.secret;
+    if (!secret.reference.empty() &&
+        (secret.value.empty() || now - secret.resolved > options_.reference_ttl)) {
+      if (!may_block) return std::nullopt;
+      absl::StatusOr<std::string> value = ResolveReference(secret.reference);
+      if (!value.ok()) {
+        secret.value.clear();
+        if (unresolved.ok()) unresolved = value.status();
+        continue;
+      }
+      secret.value = *std::move(value);
+      secret.resolved = now;
     }
+    best = c.key;
+    best_secret = c.secret;
+    best_index = c.index;
+    break;
+  }
+  if (best == nullptr && !unresolved.ok()) {
+    return absl::StatusOr<v1::AcquireProviderKeyResponse>(unresolved);
   }
   if (best == nullptr) {
     if (!request.key().empty() && !any) {
@@ -345,14 +374,6 @@ std::optional<absl::StatusOr<v1::AcquireProviderKeyResponse>> KeyPool::Pick(
             request.provider(), any ? " has no enabled, unexpired key with a usable secret"
                                     : " has no keys; create one with CreateProviderKey")),
         "NO_USABLE_KEY", {{"provider", request.provider()}}));
-  }
-  if (!best_secret->reference.empty() &&
-      (best_secret->value.empty() || now - best_secret->resolved > options_.reference_ttl)) {
-    if (!may_block) return std::nullopt;
-    absl::StatusOr<std::string> value = ResolveReference(best_secret->reference);
-    if (!value.ok()) return absl::StatusOr<v1::AcquireProviderKeyResponse>(value.status());
-    best_secret->value = *std::move(value);
-    best_secret->resolved = now;
   }
   Counts& pending = best->pending[day];
   pending.requests += 1;

@@ -127,7 +127,9 @@ class KeyPool final {
   const KeyPoolOptions options_;
   const Clock clock_;
 
-  std::mutex flush_mu_;  // one Flush at a time
+  // Flushes and Loads take turns: a Load swapping in counters read before a
+  // Flush wrote them would drop that Flush's counts.
+  std::mutex flush_mu_;
   std::mutex mu_;
   absl::flat_hash_map<std::string, std::shared_ptr<Provider>> providers_;  // guarded by mu_
 };

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -268,37 +269,58 @@ absl::StatusOr<ProviderKeyStore::RewrapResult> ProviderKeyStore::Rewrap(int batc
   const std::int64_t current = keys_.current_version();
   RewrapResult result;
   std::int64_t key_secrets_rewrapped = 0;
-  // Provider-key secrets, a batch per transaction; each row is re-checked in
-  // its UPDATE, so concurrent rewraps and rotations never lose a write.
+  // Provider-key secrets in (key, version) order, a batch per transaction;
+  // each row is re-checked in its UPDATE, so concurrent rewraps and rotations
+  // never lose a write. A row that does not open (tampered, or sealed under a
+  // key that is not loaded) is reported and skipped, not allowed to block
+  // the others.
+  std::string after_name;
+  std::int64_t after_version = -1;
   while (true) {
     std::int64_t done = 0;
+    std::vector<std::string> failed;
+    std::string last_name = after_name;
+    std::int64_t last_version = after_version;
+    bool more = false;
     absl::Status status = store_.datastore().ReadWriteTx([&](storage::ReadWriteTx& tx) {
       done = 0;
+      failed.clear();
+      last_name = after_name;
+      last_version = after_version;
       absl::StatusOr<std::vector<storage::SqlRow>> rows = tx.Query(
           "SELECT key_name, version, envelope, master_key_version FROM provider_key_secrets "
-          "WHERE envelope IS NOT NULL AND master_key_version <> :p0 ORDER BY key_name, version "
-          "LIMIT :p1",
-          {current, static_cast<std::int64_t>(batch)},
+          "WHERE envelope IS NOT NULL AND master_key_version <> :p0 AND (key_name > :p1 OR "
+          "(key_name = :p2 AND version > :p3)) ORDER BY key_name, version LIMIT :p4",
+          {current, after_name, after_name, after_version, static_cast<std::int64_t>(batch)},
           {SqlType::kText, SqlType::kInt64, SqlType::kText, SqlType::kInt64});
       if (!rows.ok()) return rows.status();
+      more = static_cast<int>(rows->size()) == batch;
       for (const storage::SqlRow& row : *rows) {
         const std::string name = storage::CellText(row[0]);
+        last_name = name;
+        last_version = storage::CellInt(row[1]);
         absl::StatusOr<std::string> plain = keys_.Open(storage::CellText(row[2]), name);
-        if (!plain.ok()) return plain.status();
+        if (!plain.ok()) {
+          failed.push_back(absl::StrCat(name, "@", last_version));
+          continue;
+        }
         absl::StatusOr<std::string> sealed = keys_.Seal(*plain, name);
         if (!sealed.ok()) return sealed.status();
         absl::StatusOr<std::int64_t> n = tx.Exec(
             "UPDATE provider_key_secrets SET envelope = :p0, master_key_version = :p1 WHERE "
             "key_name = :p2 AND version = :p3 AND master_key_version = :p4",
-            {*sealed, current, name, storage::CellInt(row[1]), storage::CellInt(row[3])});
+            {*sealed, current, name, last_version, storage::CellInt(row[3])});
         if (!n.ok()) return n.status();
         done += *n;
       }
       return absl::OkStatus();
     });
     if (!status.ok()) return status;
-    if (done == 0) break;
     key_secrets_rewrapped += done;
+    result.failed.insert(result.failed.end(), failed.begin(), failed.end());
+    after_name = last_name;
+    after_version = last_version;
+    if (!more) break;
   }
   result.rewrapped = key_secrets_rewrapped;
   // Server-wide sealed secrets (few rows). Counted in locals: the function
@@ -347,6 +369,13 @@ absl::StatusOr<ProviderKeyStore::RewrapResult> ProviderKeyStore::Rewrap(int batc
 absl::StatusOr<std::vector<std::uint32_t>> ProviderKeyStore::MissingMasterKeys(
     storage::Datastore& datastore, const crypto::MasterKeyRing& keys) {
   std::set<std::uint32_t> missing;
+  // A different key loaded under a version's number opens none of that
+  // version's envelopes: per loaded version, whether a sampled one opened.
+  std::map<std::uint32_t, bool> opens;
+  auto sample = [&](std::uint32_t v, const std::string& envelope, const std::string& name) {
+    bool& opened = opens[v];
+    if (!opened) opened = keys.Open(envelope, name).ok();
+  };
   absl::Status status = datastore.Read([&](storage::Reader& reader) -> absl::Status {
     absl::StatusOr<std::vector<storage::SqlRow>> rows = reader.Query(
         "SELECT DISTINCT master_key_version FROM provider_key_secrets WHERE envelope IS NOT NULL",
@@ -354,19 +383,38 @@ absl::StatusOr<std::vector<std::uint32_t>> ProviderKeyStore::MissingMasterKeys(
     if (!rows.ok()) return rows.status();
     for (const storage::SqlRow& row : *rows) {
       const auto v = static_cast<std::uint32_t>(storage::CellInt(row[0]));
-      if (!keys.Has(v)) missing.insert(v);
+      if (!keys.Has(v)) {
+        missing.insert(v);
+        continue;
+      }
+      absl::StatusOr<std::vector<storage::SqlRow>> sealed = reader.Query(
+          "SELECT key_name, envelope FROM provider_key_secrets WHERE envelope IS NOT NULL AND "
+          "master_key_version = :p0 LIMIT 3",
+          {static_cast<std::int64_t>(v)}, {SqlType::kText, SqlType::kText});
+      if (!sealed.ok()) return sealed.status();
+      for (const storage::SqlRow& s : *sealed) {
+        sample(v, storage::CellText(s[1]), storage::CellText(s[0]));
+      }
     }
-    rows = reader.Query("SELECT value FROM server_secrets WHERE name LIKE 'sealed:%'", {},
-                        {SqlType::kText});
+    rows = reader.Query("SELECT name, value FROM server_secrets WHERE name LIKE 'sealed:%'", {},
+                        {SqlType::kText, SqlType::kText});
     if (!rows.ok()) return rows.status();
     for (const storage::SqlRow& row : *rows) {
-      absl::StatusOr<std::uint32_t> v = crypto::MasterKeyRing::VersionOf(storage::CellText(row[0]));
+      const std::string value = storage::CellText(row[1]);
+      absl::StatusOr<std::uint32_t> v = crypto::MasterKeyRing::VersionOf(value);
       if (!v.ok()) return v.status();
-      if (!keys.Has(*v)) missing.insert(*v);
+      if (!keys.Has(*v)) {
+        missing.insert(*v);
+      } else {
+        sample(*v, value, storage::CellText(row[0]));
+      }
     }
     return absl::OkStatus();
   });
   if (!status.ok()) return status;
+  for (const auto& [v, opened] : opens) {
+    if (!opened) missing.insert(v);
+  }
   return std::vector<std::uint32_t>(missing.begin(), missing.end());
 }
 

@@ -57,12 +57,17 @@ class ProviderKeyStore final {
   struct RewrapResult {
     std::int64_t rewrapped = 0;
     std::int64_t unchanged = 0;
+    // "<key>@<version>" of secrets that do not open (tampered, or sealed
+    // under a master key that is not loaded); skipped.
+    std::vector<std::string> failed;
   };
   // Re-seals every secret not under the current master-key version, `batch`
   // rows per transaction; idempotent, and safe to interrupt and run again.
+  // Secrets that do not open are listed in `failed` and left as they are.
   absl::StatusOr<RewrapResult> Rewrap(int batch);
 
-  // The master-key versions that sealed stored secrets but are not loaded.
+  // The master-key versions that sealed stored secrets but are not loaded,
+  // or are loaded with other key material (no sampled envelope opens).
   static absl::StatusOr<std::vector<std::uint32_t>> MissingMasterKeys(
       storage::Datastore& datastore, const crypto::MasterKeyRing& keys);
 

@@ -183,7 +183,8 @@ void ExpectStatus(const absl::StatusOr<AcquireProviderKeyResponse>& result, absl
 std::string RandomHex(int bytes) {
   std::random_device device;
   std::string out;
-  for (int i = 0; i < bytes; ++i) absl::StrAppend(&out, absl::Hex(device() & 0xff, absl::kZeroPad2));
+  for (int i = 0; i < bytes; ++i)
+    absl::StrAppend(&out, absl::Hex(device() & 0xff, absl::kZeroPad2));
   return out;
 }
 
@@ -418,24 +419,31 @@ TEST_P(CredentialsTest, RewrapMovesEverySecretToTheNewMasterKey) {
   ASSERT_TRUE(missing.ok()) << missing.status();
   EXPECT_THAT(*missing, ElementsAre(1u));
 
-  // Five key secrets and the pepper, two rows per transaction.
+  // Keys created once both master keys are loaded are sealed under 2 already.
   ProviderKeyStore rewrapper(*store_, *both, 100);
+  for (const char* id : {"new1", "new2"}) {
+    secrets[KeyName(id)] = absl::StrCat("sk-", id, "-", RandomHex(16));
+    CreateKey(id, secrets[KeyName(id)], {}, kProvider, &rewrapper);
+  }
+
+  // Five key secrets and the pepper, two rows per transaction; `unchanged` counts the two
+  // key secrets already under version 2 (server secrets are only in `rewrapped`).
   absl::StatusOr<ProviderKeyStore::RewrapResult> first = rewrapper.Rewrap(2);
   ASSERT_TRUE(first.ok()) << first.status();
   EXPECT_EQ(first->rewrapped, 6);
-  EXPECT_EQ(first->unchanged, 0);
+  EXPECT_EQ(first->unchanged, 2);
   EXPECT_EQ(Count("SELECT COUNT(*) FROM provider_key_secrets WHERE master_key_version = 2 AND "
                   "envelope LIKE 'v2.%'"),
-            5);
+            7);
   EXPECT_EQ(Count("SELECT COUNT(*) FROM server_secrets WHERE name = 'sealed:access_key_pepper' "
                   "AND value LIKE 'v2.%'"),
             1);
 
-  // Idempotent: nothing left to do, everything counted as unchanged.
+  // Idempotent: nothing left to do.
   absl::StatusOr<ProviderKeyStore::RewrapResult> second = rewrapper.Rewrap(2);
   ASSERT_TRUE(second.ok()) << second.status();
   EXPECT_EQ(second->rewrapped, 0);
-  EXPECT_EQ(second->unchanged, 6);
+  EXPECT_EQ(second->unchanged, 7);
 
   // Key 1 can now be dropped.
   missing = ProviderKeyStore::MissingMasterKeys(*ds_, *only2);
@@ -489,6 +497,25 @@ TEST_P(CredentialsTest, EnvReferenceIsResolvedAtAcquisition) {
                "SECRET_REFERENCE_UNRESOLVED");
 }
 
+// A key whose reference does not resolve passes the turn: acquisition goes on with the
+// other keys instead of failing while one of them works.
+TEST_P(CredentialsTest, UnresolvedReferencePassesTheTurnToAnotherKey) {
+  const std::string missing = "MV_TEST_MISSING_" + RandomHex(8);
+  ASSERT_EQ(unsetenv(missing.c_str()), 0);
+  CreateKey("a-broken", "env:" + missing);  // first in name order: picked first on ties
+  const std::string secret = "sk-working-" + RandomHex(16);
+  CreateKey("b-working", secret);
+  for (int i = 0; i < 5; ++i) {
+    absl::StatusOr<AcquireProviderKeyResponse> r = pool().Acquire(Request());
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_EQ(r->key(), KeyName("b-working"));
+    EXPECT_EQ(r->secret(), secret);
+  }
+  // Asked for by name, the broken key answers with its own error.
+  ExpectStatus(pool().Acquire(Request(KeyName("a-broken"))), absl::StatusCode::kFailedPrecondition,
+               "SECRET_REFERENCE_UNRESOLVED");
+}
+
 TEST_P(CredentialsTest, FileReferenceIsResolvedWithoutTrailingNewline) {
   const std::filesystem::path dir =
       std::filesystem::path(::testing::TempDir()) / ("mv_credentials_" + RandomHex(8));
@@ -525,17 +552,19 @@ TEST_P(CredentialsTest, ValidateSecretInputRejectsMalformedInput) {
   EXPECT_TRUE(validate("", "env:GOOD_NAME_1").ok());
   EXPECT_TRUE(validate("", "file:/run/secrets/openai").ok());
 
-  for (const auto& [secret, reference] : std::vector<std::pair<std::string, std::string>>{
-           {"sk-both-set-12345", "env:GOOD"},
-           {"", ""},
-           {"", "env:1BAD"},
-           {"", "env:"},
-           {"", "file:relative/path"},
-           {"", "file:"},
-           {"", "ftp:x"}}) {
+  for (const auto& [secret, reference] :
+       std::vector<std::pair<std::string, std::string>>{{"sk-both-set-12345", "env:GOOD"},
+                                                        {"", ""},
+                                                        {"", "env:1BAD"},
+                                                        {"", "env:"},
+                                                        {"", "file:relative/path"},
+                                                        {"", "file:"},
+                                                        {"", "ftp:x"}}) {
     absl::Status s = validate(secret, reference);
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << secret << " / " << reference;
-    if (!secret.empty()) EXPECT_THAT(s.ToString(), Not(HasSubstr(secret)));
+    if (!secret.empty()) {
+      EXPECT_THAT(s.ToString(), Not(HasSubstr(secret)));
+    }
   }
 }
 
@@ -917,8 +946,8 @@ TEST_P(CredentialsTest, RotateWithAStaleEtagIsAborted) {
 
 TEST_P(CredentialsTest, MaxKeysPerProvider) {
   ProviderKeyStore three(*store_, ring_, 3);
-  for (int i = 0; i < 3; ++i) CreateKey(absl::StrCat("k", i), "sk-" + RandomHex(16), {}, kProvider,
-                                        &three);
+  for (int i = 0; i < 3; ++i)
+    CreateKey(absl::StrCat("k", i), "sk-" + RandomHex(16), {}, kProvider, &three);
   const std::int64_t changes = Count("SELECT COUNT(*) FROM changes");
 
   ProviderKey fourth;
@@ -971,13 +1000,13 @@ TEST_P(CredentialsTest, DisabledAndExpiredKeysAreNeverAcquired) {
   CreateKey(disabled, "sk-disabled-" + RandomHex(16));
   ProviderKey expired;
   expired.set_name(KeyName("expired"));
-  *expired.mutable_expire_time() = TimeUtil::MicrosecondsToTimestamp(
-      absl::ToUnixMicros(clock_.Now() - absl::Seconds(1)));
+  *expired.mutable_expire_time() =
+      TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(clock_.Now() - absl::Seconds(1)));
   CreateKey(expired, "sk-expired-" + RandomHex(16));
   ProviderKey later;
   later.set_name(KeyName("later"));
-  *later.mutable_expire_time() = TimeUtil::MicrosecondsToTimestamp(
-      absl::ToUnixMicros(clock_.Now() + absl::Seconds(10)));
+  *later.mutable_expire_time() =
+      TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(clock_.Now() + absl::Seconds(10)));
   CreateKey(later, "sk-later-" + RandomHex(16));
   CreateKey("ok", "sk-ok-" + RandomHex(16));
 
@@ -1008,6 +1037,31 @@ TEST_P(CredentialsTest, ProviderWithoutUsableKeysHasNoUsableKey) {
   // A provider that does not exist has no keys either.
   ExpectStatus(pool().Acquire(Request("", 0, 0, "providers/unknown")),
                absl::StatusCode::kFailedPrecondition, "NO_USABLE_KEY");
+}
+
+// One secret that does not open must not stop a rewrap: it is reported and left as it
+// is, and every other secret moves to the new master key.
+TEST_P(CredentialsTest, RewrapSkipsAndReportsSecretsThatDoNotOpen) {
+  for (const std::string id : {"k1", "k2", "k3", "k4"}) CreateKey(id, "sk-" + id + RandomHex(8));
+  std::string envelope = Envelope(KeyName("k2"));
+  char& c = envelope[envelope.size() / 2];
+  c = c == 'A' ? 'B' : 'A';
+  SetEnvelope(KeyName("k2"), envelope);
+
+  absl::StatusOr<MasterKeyRing> both =
+      MasterKeyRing::Parse(line1_ + "\n" + MasterKeyRing::GenerateLine(2));
+  ASSERT_TRUE(both.ok()) << both.status();
+  ProviderKeyStore keys(*store_, *both, 100);
+  absl::StatusOr<ProviderKeyStore::RewrapResult> result = keys.Rewrap(/*batch=*/1);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->rewrapped, 3);
+  EXPECT_THAT(result->failed, ::testing::ElementsAre(KeyName("k2") + "@1"));
+  EXPECT_EQ(Count("SELECT COUNT(*) FROM provider_key_secrets WHERE master_key_version = 2"), 3);
+  // Again: nothing left to do but the same report.
+  result = keys.Rewrap(/*batch=*/2);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->rewrapped, 0);
+  EXPECT_THAT(result->failed, ::testing::ElementsAre(KeyName("k2") + "@1"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, CredentialsTest, AllEngines(), NameGen());
