@@ -9,13 +9,11 @@ namespace modelvault::client {
 
 using server::FromGrpcStatus;
 
-std::unique_ptr<CatalogClient> CatalogClient::Connect(const std::string& target,
-                                                      const std::string& token,
-                                                      absl::Duration deadline) {
-  ChannelOptions options;
-  options.token = token;
+absl::StatusOr<std::unique_ptr<CatalogClient>> CatalogClient::Connect(const std::string& target,
+                                                                      const ChannelOptions& options,
+                                                                      absl::Duration deadline) {
   absl::StatusOr<std::shared_ptr<grpc::Channel>> channel = MakeChannel(target, options);
-  if (!channel.ok()) return nullptr;  // plaintext channels are always created
+  if (!channel.ok()) return channel.status();
   return std::make_unique<CatalogClient>(*std::move(channel), deadline);
 }
 

@@ -7,6 +7,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "clients/cpp/channel.h"
 #include "modelvault/v1/catalog.grpc.pb.h"
 
 namespace modelvault::client {
@@ -16,9 +17,11 @@ namespace modelvault::client {
 // List helpers that follow page tokens.
 class CatalogClient final {
  public:
-  // `target`: host:port or unix:PATH; every call carries `token`.
-  static std::unique_ptr<CatalogClient> Connect(const std::string& target, const std::string& token,
-                                                absl::Duration deadline = absl::Seconds(10));
+  // `target`: host:port or unix:PATH; every call carries options.token, over
+  // TLS when options name a CA.
+  static absl::StatusOr<std::unique_ptr<CatalogClient>> Connect(
+      const std::string& target, const ChannelOptions& options,
+      absl::Duration deadline = absl::Seconds(10));
   explicit CatalogClient(std::shared_ptr<grpc::Channel> channel,
                          absl::Duration deadline = absl::Seconds(10));
 

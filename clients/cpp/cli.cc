@@ -17,7 +17,9 @@ constexpr char kUsage[] = R"(usage:
   modelvault providers list [--filter F] [--target ADDR] [--json]
   modelvault models list [--parent providers/P] [--filter F] [--order-by O] [--target ADDR] [--json]
   modelvault models get NAME [--target ADDR]
-ADDR defaults to $MODELVAULT_TARGET or 127.0.0.1:50051.
+ADDR defaults to $MODELVAULT_TARGET or 127.0.0.1:50051. The access key comes from
+$MODELVAULT_TOKEN, else the file named by --token-file or $MODELVAULT_TOKEN_FILE.
+TLS: --tls-ca PEM (server roots) [--tls-cert PEM --tls-key PEM (mTLS)] [--tls-server-name N].
 )";
 
 int Fail(const absl::Status& status) {
@@ -41,8 +43,11 @@ void PrintJson(const google::protobuf::Message& m) {
 }  // namespace
 
 int RunCatalogCommand(const std::string& noun, const std::vector<std::string>& args) {
-  absl::StatusOr<server::Flags> flags = server::Flags::Parse(
-      args, {"target", "filter", "parent", "order-by", "json", "token-file"}, {"json"});
+  absl::StatusOr<server::Flags> flags =
+      server::Flags::Parse(args,
+                           {"target", "filter", "parent", "order-by", "json", "token-file",
+                            "tls-ca", "tls-cert", "tls-key", "tls-server-name"},
+                           {"json"});
   if (!flags.ok() || flags->positional().empty()) {
     std::cerr << (flags.ok() ? "" : std::string(flags.status().message()) + "\n") << kUsage;
     return 2;
@@ -50,7 +55,16 @@ int RunCatalogCommand(const std::string& noun, const std::vector<std::string>& a
   const std::string verb = flags->positional()[0];
   absl::StatusOr<std::string> token = TokenFromEnvironment(flags->Get("token-file"));
   if (!token.ok()) return Fail(token.status());
-  auto client = CatalogClient::Connect(flags->Get("target", "127.0.0.1:50051"), *token);
+  ChannelOptions options;
+  options.token = *token;
+  options.tls_ca_file = flags->Get("tls-ca");
+  options.tls_cert_file = flags->Get("tls-cert");
+  options.tls_key_file = flags->Get("tls-key");
+  options.tls_server_name = flags->Get("tls-server-name");
+  absl::StatusOr<std::unique_ptr<CatalogClient>> connected =
+      CatalogClient::Connect(flags->Get("target", "127.0.0.1:50051"), options);
+  if (!connected.ok()) return Fail(connected.status());
+  std::unique_ptr<CatalogClient>& client = *connected;
   const bool json = flags->Has("json");
   if (noun == "providers" && verb == "list") {
     auto providers = client->ListAllProviders(flags->Get("filter"));
