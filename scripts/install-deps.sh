@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what modelvault needs to build, run and test on Debian 12, then buf
 # from the pinned npm lockfile. Safe to run again: it installs only what is missing.
+# (openssl: the TLS tests make their certificates with it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,7 +10,7 @@ packages=(
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev libabsl-dev
   libsoci-dev libboost-dev libgtest-dev libgmock-dev libbenchmark-dev
   libpq-dev libsqlite3-dev libsodium-dev libssl-dev postgresql
-  grpc-proto libgoogle-common-protos-java nodejs npm
+  grpc-proto libgoogle-common-protos-java nodejs npm openssl
 )
 
 missing=()
