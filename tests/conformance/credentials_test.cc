@@ -180,14 +180,6 @@ void ExpectStatus(const absl::StatusOr<AcquireProviderKeyResponse>& result, absl
   EXPECT_EQ(ErrorReason(result.status()), reason) << result.status();
 }
 
-std::string RandomHex(int bytes) {
-  std::random_device device;
-  std::string out;
-  for (int i = 0; i < bytes; ++i)
-    absl::StrAppend(&out, absl::Hex(device() & 0xff, absl::kZeroPad2));
-  return out;
-}
-
 class CredentialsTest : public EngineTest {
  protected:
   void SetUp() override {

@@ -25,18 +25,6 @@ namespace {
 constexpr absl::string_view kPostgresScheme = "postgresql://";
 constexpr absl::string_view kSqliteScheme = "sqlite3://";
 
-std::string RandomHex(int bytes) {
-  static constexpr char kDigits[] = "0123456789abcdef";
-  std::random_device device;
-  std::string out;
-  for (int i = 0; i < bytes; ++i) {
-    const unsigned value = device() & 0xff;
-    out.push_back(kDigits[value >> 4]);
-    out.push_back(kDigits[value & 0xf]);
-  }
-  return out;
-}
-
 std::string Getenv(const char* name) {
   const char* value = std::getenv(name);
   return value == nullptr ? "" : value;
@@ -147,6 +135,18 @@ absl::StatusOr<std::unique_ptr<TestDatabase>> CreatePostgres() {
 }
 
 }  // namespace
+
+std::string RandomHex(int bytes) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::random_device device;
+  std::string out;
+  for (int i = 0; i < bytes; ++i) {
+    const unsigned value = device() & 0xff;
+    out.push_back(kDigits[value >> 4]);
+    out.push_back(kDigits[value & 0xf]);
+  }
+  return out;
+}
 
 bool SkipPostgres() { return Getenv("MODELVAULT_TEST_SKIP_POSTGRES") == "1"; }
 

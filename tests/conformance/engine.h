@@ -64,6 +64,9 @@ class TestDatabase {
 // environment, returns FAILED_PRECONDITION telling how to get one.
 absl::StatusOr<std::unique_ptr<TestDatabase>> CreateTestDatabase(const std::string& engine);
 
+// `bytes` random bytes as lower-case hex (unique names, canaries).
+std::string RandomHex(int bytes);
+
 // Whether MODELVAULT_TEST_SKIP_POSTGRES=1 is set.
 bool SkipPostgres();
 

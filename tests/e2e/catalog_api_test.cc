@@ -48,6 +48,7 @@
 #include "storage/status_details.h"
 #include "tests/conformance/engine.h"
 #include "tests/e2e/server_process.h"
+#include "tests/e2e/status_checks.h"
 
 namespace modelvault::e2e {
 namespace {
@@ -58,6 +59,7 @@ using ::modelvault::conformance::EngineTest;
 using ::modelvault::conformance::EqualsProto;
 using ::modelvault::testing::CommandResult;
 using ::modelvault::testing::Invoke;
+using ::modelvault::testing::IsError;
 using ::modelvault::testing::RunModelvault;
 using ::modelvault::testing::RunShell;
 using ::modelvault::testing::ServerProcess;
@@ -100,29 +102,6 @@ ErrorDetails DetailsOf(const absl::Status& status) {
     if (info.ParseFromString(std::string(*payload))) details.resource_name = info.resource_name();
   }
   return details;
-}
-
-// Whether `status` has `code`, a BadRequest violation of `field` (when not empty) and an
-// ErrorInfo `reason` (when not empty).
-::testing::AssertionResult IsError(const absl::Status& status, absl::StatusCode code,
-                                   const std::string& field = "", const std::string& reason = "") {
-  const ErrorDetails details = DetailsOf(status);
-  const std::string got =
-      absl::StrCat(status.ToString(absl::StatusToStringMode::kWithNoExtraData), " fields=[",
-                   absl::StrJoin(details.fields, ","), "] reason=", details.reason);
-  if (status.code() != code) {
-    return ::testing::AssertionFailure()
-           << "expected " << absl::StatusCodeToString(code) << ", got " << got;
-  }
-  if (!field.empty() &&
-      std::find(details.fields.begin(), details.fields.end(), field) == details.fields.end()) {
-    return ::testing::AssertionFailure()
-           << "expected a violation of \"" << field << "\", got " << got;
-  }
-  if (!reason.empty() && details.reason != reason) {
-    return ::testing::AssertionFailure() << "expected reason " << reason << ", got " << got;
-  }
-  return ::testing::AssertionSuccess();
 }
 
 // --- Calls ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@
 #include "storage/status_details.h"
 #include "tests/conformance/engine.h"
 #include "tests/e2e/server_process.h"
+#include "tests/e2e/status_checks.h"
 
 namespace modelvault {
 namespace {
@@ -52,6 +53,7 @@ using ::modelvault::conformance::NameGen;
 using ::modelvault::conformance::SkipPostgres;
 using ::modelvault::conformance::TestDatabase;
 using ::modelvault::testing::CommandResult;
+using ::modelvault::testing::ErrorMetadata;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::MakeTempDir;
 using ::modelvault::testing::ModelvaultBinary;
@@ -122,16 +124,6 @@ absl::Status DeleteModel(Stub& stub, const std::string& name) {
   v1::DeleteModelRequest request;
   request.set_name(name);
   return Invoke(stub, &Stub::DeleteModel, request).status();
-}
-
-// The metadata entry `key` of the ErrorInfo detail of `status`, or "".
-std::string ErrorMetadata(const absl::Status& status, const std::string& key) {
-  auto payload = status.GetPayload(kErrorInfoUrl);
-  if (!payload.has_value()) return "";
-  v1::ErrorInfo info;
-  if (!info.ParseFromString(std::string(*payload))) return "";
-  auto it = info.metadata().find(key);
-  return it == info.metadata().end() ? "" : it->second;
 }
 
 std::string Describe(const v1::WatchCatalogResponse& message) { return message.ShortDebugString(); }
@@ -479,8 +471,8 @@ TEST_F(PostgresLifecycleTest, ReplicasSeeEachOthersWrites) {
   ASSERT_TRUE(after.ok()) << after.status();
   ASSERT_EQ(after->providers_size(), before->providers_size() + 1)
       << "B's list never showed A's new provider";
-  std::cout << "replica_list_visibility_ms="
-            << absl::ToInt64Milliseconds(absl::Now() - list_write) << "\n";
+  std::cout << "replica_list_visibility_ms=" << absl::ToInt64Milliseconds(absl::Now() - list_write)
+            << "\n";
 
   EXPECT_EQ((*a)->Stop(SIGTERM), 0) << (*a)->Log();
   EXPECT_EQ((*b)->Stop(SIGTERM), 0) << (*b)->Log();

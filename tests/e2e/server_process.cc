@@ -57,7 +57,12 @@ std::string KeyDirFor(const std::string& database_url) {
   const std::string key = dir + "/master.key";
   struct stat info;
   if (stat(key.c_str(), &info) != 0) {
-    RunModelvault({"master-key", "generate", "--out", key});
+    // Generated aside and linked into place: servers starting at once on a new
+    // database agree on one key (link() never replaces an existing file).
+    const std::string fresh = absl::StrCat(key, ".", getpid(), ".", std::rand());
+    RunModelvault({"master-key", "generate", "--out", fresh});
+    link(fresh.c_str(), key.c_str());
+    unlink(fresh.c_str());
   }
   return dir;
 }
