@@ -44,15 +44,13 @@ absl::Status ParentViolation(const storage::ResourceSchema& schema, absl::string
   return absl::OkStatus();
 }
 
-// Appends `item` to the repeated field of `type` in a List response.
-void AddListItem(Message& out, const Descriptor* type, const Message& item) {
+// The repeated field of `type` in a List response.
+const FieldDescriptor* ItemsField(const Message& out, const Descriptor* type) {
   const Descriptor* d = out.GetDescriptor();
   for (int i = 0; i < d->field_count(); ++i) {
-    if (d->field(i)->is_repeated() && d->field(i)->message_type() == type) {
-      out.GetReflection()->AddMessage(&out, d->field(i))->CopyFrom(item);
-      return;
-    }
+    if (d->field(i)->is_repeated() && d->field(i)->message_type() == type) return d->field(i);
   }
+  return nullptr;
 }
 
 void SetNextPageToken(Message& out, const std::string& token) {
@@ -220,10 +218,12 @@ absl::Status ResourceMethods::List(const ListCall& call, Message* out) {
   const std::int64_t version = cache_.version();
   absl::StatusOr<storage::ListPage> page = store_.List(call.type, request, lookup);
   if (!page.ok()) return page.status();
-  CachedPage cached{{}, page->next_page_token};
+  auto cached = std::make_shared<CachedPage>();
+  cached->next_page_token = page->next_page_token;
+  const FieldDescriptor* items = ItemsField(*out, call.type);
   for (auto& item : page->items) {
-    cached.names.push_back(storage::ResourceName(*item));
-    AddListItem(*out, call.type, *item);
+    out->GetReflection()->AddMessage(out, items)->CopyFrom(*item);
+    cached->items.push_back(std::move(item));
   }
   SetNextPageToken(*out, page->next_page_token);
   if (call.use_cache) {
@@ -245,23 +245,20 @@ std::string ResourceMethods::ListKey(const ListCall& call) {
 std::optional<absl::Status> ResourceMethods::ListFromCache(const ListCall& call, Message* out) {
   if (!call.use_cache) return std::nullopt;
   const std::int64_t version = cache_.version();
-  std::vector<std::shared_ptr<const Message>> bodies;
-  std::string next_page_token;
+  const std::string key = ListKey(call);
+  std::shared_ptr<const CachedPage> page;
   {
     std::lock_guard lock(lists_mu_);
     if (lists_version_ != version) return std::nullopt;
-    auto it = lists_.find(ListKey(call));
+    auto it = lists_.find(key);
     if (it == lists_.end()) return std::nullopt;
-    for (const std::string& name : it->second.names) {
-      bodies.push_back(cache_.Get(name));
-      if (bodies.back() == nullptr) return std::nullopt;
-    }
-    next_page_token = it->second.next_page_token;
+    page = it->second;
   }
-  // A change applied while the bodies were read would mix versions.
-  if (cache_.version() != version) return std::nullopt;
-  for (const auto& body : bodies) AddListItem(*out, call.type, *body);
-  SetNextPageToken(*out, next_page_token);
+  // The page is an immutable snapshot of that version: copied outside the lock.
+  const FieldDescriptor* items = ItemsField(*out, call.type);
+  for (const auto& body : page->items)
+    out->GetReflection()->AddMessage(out, items)->CopyFrom(*body);
+  SetNextPageToken(*out, page->next_page_token);
   return absl::OkStatus();
 }
 

@@ -113,7 +113,7 @@ class ResourceMethods final {
   // Pages answered by List, by ListKey, valid while the cache's version is
   // `lists_version_` (a change clears them all).
   struct CachedPage {
-    std::vector<std::string> names;
+    std::vector<std::shared_ptr<const google::protobuf::Message>> items;
     std::string next_page_token;
   };
   static constexpr size_t kMaxCachedPages = 1024;
@@ -122,8 +122,9 @@ class ResourceMethods final {
   CatalogCache& cache_;
   ChangeHub& hub_;
   std::mutex lists_mu_;
-  std::int64_t lists_version_ = -1;                     // guarded by lists_mu_
-  absl::flat_hash_map<std::string, CachedPage> lists_;  // guarded by lists_mu_
+  std::int64_t lists_version_ = -1;  // guarded by lists_mu_
+  absl::flat_hash_map<std::string, std::shared_ptr<const CachedPage>>
+      lists_;  // guarded by lists_mu_
   std::vector<std::pair<const google::protobuf::Descriptor*, ResourceHooks>> hooks_;
 };
 
