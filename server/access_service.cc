@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <set>
@@ -31,6 +32,16 @@ absl::Status CheckKeyName(absl::string_view name) {
   if (!absl::StartsWith(name, "accessKeys/") ||
       !storage::IsValidResourceId(name.substr(std::strlen("accessKeys/")))) {
     return InvalidField("name", "must be accessKeys/{access_key}");
+  }
+  // Ids are issued by the server in one shape; any other cannot exist.
+  const absl::string_view id = name.substr(std::strlen("accessKeys/"));
+  const bool issued =
+      id.size() == crypto::kAccessKeyIdLength && std::ranges::all_of(id, [](char c) {
+        return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9');
+      });
+  if (!issued) {
+    return WithResourceInfo(absl::NotFoundError(absl::StrCat(name, " does not exist")),
+                            "modelvault.dev/AccessKey", name);
   }
   return absl::OkStatus();
 }
@@ -74,11 +85,10 @@ void CheckAccessKey(const google::protobuf::Message& message, absl::string_view 
   }
 }
 
-absl::StatusOr<storage::MutationResult> InsertAccessKey(storage::ResourceStore& store,
-                                                        Authenticator& auth,
-                                                        storage::MutationContext ctx,
-                                                        const v1::AccessKey& key,
-                                                        std::string* token) {
+absl::StatusOr<storage::MutationResult> InsertAccessKey(
+    storage::ResourceStore& store, Authenticator& auth, storage::MutationContext ctx,
+    const v1::AccessKey& key, std::string* token,
+    const std::function<absl::Status(const std::string& token)>& with_token) {
   const std::string id = crypto::NewAccessKeyId();
   std::string fresh = crypto::NewAccessToken(id);
   const std::string hash = auth.Hash(fresh);
@@ -91,6 +101,9 @@ absl::StatusOr<storage::MutationResult> InsertAccessKey(storage::ResourceStore& 
   ctx.finish = [&](storage::ReadWriteTx& tx, const google::protobuf::Message& written) {
     if (previous_finish) {
       if (absl::Status s = previous_finish(tx, written); !s.ok()) return s;
+    }
+    if (with_token) {
+      if (absl::Status s = with_token(fresh); !s.ok()) return s;
     }
     return tx.Exec("UPDATE access_keys SET token_hash = :p0 WHERE name = :p1", {hash, row.name()})
         .status();
@@ -114,6 +127,7 @@ absl::StatusOr<bool> BootstrapAdminKey(storage::ResourceStore& store, Authentica
   bool created = false;
   // A marker row makes concurrent replicas agree on one creator.
   ctx.prepare = [&](storage::ReadWriteTx& tx, google::protobuf::Message&) -> absl::Status {
+    created = false;  // the transaction may run again
     absl::StatusOr<std::vector<storage::SqlRow>> count =
         tx.Query("SELECT COUNT(*) FROM access_keys", {}, {storage::SqlType::kInt64});
     if (!count.ok()) return count.status();
@@ -131,11 +145,25 @@ absl::StatusOr<bool> BootstrapAdminKey(storage::ResourceStore& store, Authentica
   key.set_display_name("bootstrap admin key");
   key.set_owner("service:bootstrap");
   key.add_scopes(v1::SCOPE_ADMIN);
+  // The token reaches the disk before the key commits: a key whose token was
+  // never written would lock everyone out (bootstrap runs only on an empty table).
+  const std::string pending = absl::StrCat(path, ".new");
   std::string token;
-  absl::StatusOr<storage::MutationResult> result = InsertAccessKey(store, auth, ctx, key, &token);
-  if (absl::IsAlreadyExists(result.status()) && !created) return false;
-  if (!result.ok()) return result.status();
-  if (absl::Status s = WriteSecretFile(path, token + "\n"); !s.ok()) return s;
+  absl::StatusOr<storage::MutationResult> result = InsertAccessKey(
+      store, auth, ctx, key, &token,
+      [&](const std::string& fresh) { return WriteSecretFile(pending, fresh + "\n"); });
+  if (absl::IsAlreadyExists(result.status()) && !created) {
+    ::unlink(pending.c_str());
+    return false;
+  }
+  if (!result.ok()) {
+    ::unlink(pending.c_str());
+    return result.status();
+  }
+  if (::rename(pending.c_str(), path.c_str()) != 0) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("the admin key is in ", pending, " but cannot be renamed to ", path));
+  }
   return true;
 }
 

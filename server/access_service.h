@@ -1,5 +1,6 @@
 #pragma once
 
+#include <functional>
 #include <string>
 
 #include "modelvault/v1/access.grpc.pb.h"
@@ -12,11 +13,12 @@ namespace modelvault::server {
 // Inserts an access key (name and token_prefix filled here) and the keyed
 // hash of a new token, in the transaction `ctx` describes; `token` receives
 // the token (empty when the call was replayed by request_id).
-absl::StatusOr<storage::MutationResult> InsertAccessKey(storage::ResourceStore& store,
-                                                        Authenticator& auth,
-                                                        storage::MutationContext ctx,
-                                                        const v1::AccessKey& key,
-                                                        std::string* token);
+// `with_token`, when given, runs inside the transaction with the new token
+// (the bootstrap writes it to disk before the key commits).
+absl::StatusOr<storage::MutationResult> InsertAccessKey(
+    storage::ResourceStore& store, Authenticator& auth, storage::MutationContext ctx,
+    const v1::AccessKey& key, std::string* token,
+    const std::function<absl::Status(const std::string& token)>& with_token = nullptr);
 
 // On a database without access keys, creates an admin key and writes its
 // token to `path` (mode 0600). Returns whether it did. Safe when several

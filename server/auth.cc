@@ -77,12 +77,16 @@ void Authenticator::OnChange(const storage::ChangeRecord& change) {
     hashes_.erase(change.resource_name);
     return;
   }
+  Reload(change.resource_name);
+}
+
+void Authenticator::Reload(const std::string& name) {
   Hashes found;
   bool exists = false;
   absl::Status status = datastore_.Read([&](storage::Reader& reader) -> absl::Status {
     absl::StatusOr<std::vector<storage::SqlRow>> rows =
         reader.Query("SELECT token_hash, previous_token_hash FROM access_keys WHERE name = :p0",
-                     {change.resource_name}, {storage::SqlType::kText, storage::SqlType::kText});
+                     {name}, {storage::SqlType::kText, storage::SqlType::kText});
     if (!rows.ok()) return rows.status();
     if (!rows->empty()) {
       exists = true;
@@ -92,15 +96,27 @@ void Authenticator::OnChange(const storage::ChangeRecord& change) {
   });
   std::lock_guard lock(mu_);
   if (!status.ok()) {
-    // Fail closed: without its hashes the key is refused until the next change or restart.
-    hashes_.erase(change.resource_name);
+    // Keep what is known (revocation and expiry still come from the cached
+    // resource) and try again on the next RetryReloads: erasing would lock a
+    // valid key out over one failed read.
+    retry_.insert(name);
     return;
   }
+  retry_.erase(name);
   if (exists) {
-    hashes_[change.resource_name] = std::move(found);
+    hashes_[name] = std::move(found);
   } else {
-    hashes_.erase(change.resource_name);
+    hashes_.erase(name);
   }
+}
+
+void Authenticator::RetryReloads() {
+  std::vector<std::string> names;
+  {
+    std::lock_guard lock(mu_);
+    names.assign(retry_.begin(), retry_.end());
+  }
+  for (const std::string& name : names) Reload(name);
 }
 
 void Authenticator::SetHashes(const std::string& name, std::string current, std::string previous) {

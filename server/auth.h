@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
@@ -46,6 +47,8 @@ class Authenticator final {
   // Change-feed listener: reloads the hashes of a changed access key
   // (blocking; called on the change hub's thread).
   void OnChange(const storage::ChangeRecord& change);
+  // Reloads the hashes whose reload failed (blocking; run it periodically).
+  void RetryReloads();
   // Records hashes written by this replica.
   void SetHashes(const std::string& name, std::string current, std::string previous);
 
@@ -66,6 +69,8 @@ class Authenticator final {
   absl::Status FlushLastUsed();
 
  private:
+  void Reload(const std::string& name);
+
   struct Hashes {
     std::string current;
     std::string previous;
@@ -80,6 +85,7 @@ class Authenticator final {
   std::mutex mu_;
   absl::flat_hash_map<std::string, Hashes> hashes_;         // by key name; guarded by mu_
   absl::flat_hash_map<std::string, absl::Time> last_used_;  // guarded by mu_
+  absl::flat_hash_set<std::string> retry_;                  // guarded by mu_
 };
 
 }  // namespace modelvault::server

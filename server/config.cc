@@ -37,6 +37,9 @@ Secrets and access:
   --key-time-zone TZ       calendar days of provider-key limits (default UTC)
   --max-keys-per-provider N  (default 100)
   --key-flush-ms N         how often key counters are written and shared (default 100)
+  --secret-file-dir DIR    provider-key secrets may be file: references to files under DIR
+                           (off by default; env: references may name any variable except
+                           MODELVAULT_*)
 
 Transport:
   --tls-cert PATH --tls-key PATH   serve TLS with this certificate chain and key (PEM)
@@ -85,11 +88,13 @@ bool Flags::Has(absl::string_view name) const { return values_.find(name) != val
 
 absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& args) {
   absl::StatusOr<Flags> flags =
-      Flags::Parse(args,
-                   {"listen", "database", "migrate", "log-level", "log-format", "shutdown-timeout",
-                    "port-file", "db-pool", "workers", "feed-poll-ms", "max-message-bytes",
-                    "master-key-file", "admin-key-file", "key-time-zone", "max-keys-per-provider",
-                    "key-flush-ms", "tls-cert", "tls-key", "tls-client-ca"},
+      Flags::Parse(args, {"listen",         "database",          "migrate",
+                          "log-level",      "log-format",        "shutdown-timeout",
+                          "port-file",      "db-pool",           "workers",
+                          "feed-poll-ms",   "max-message-bytes", "master-key-file",
+                          "admin-key-file", "key-time-zone",     "max-keys-per-provider",
+                          "key-flush-ms",   "tls-cert",          "tls-key",
+                          "tls-client-ca",  "secret-file-dir"},
                    {"migrate"});
   if (!flags.ok()) return flags.status();
   if (!flags->positional().empty()) {
@@ -132,6 +137,10 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
   config.key_flush = absl::Milliseconds(flush_ms);
   config.master_key_file = flags->Get("master-key-file");
   config.key_time_zone = flags->Get("key-time-zone", "UTC");
+  config.secret_file_dir = flags->Get("secret-file-dir");
+  if (!config.secret_file_dir.empty() && config.secret_file_dir[0] != '/') {
+    return absl::InvalidArgumentError("--secret-file-dir must be an absolute path");
+  }
   config.tls_cert_file = flags->Get("tls-cert");
   config.tls_key_file = flags->Get("tls-key");
   config.tls_client_ca_file = flags->Get("tls-client-ca");

@@ -52,6 +52,7 @@ struct ServeConfig {
   std::string admin_key_file;
   // Provider keys.
   std::string key_time_zone = "UTC";
+  std::string secret_file_dir;  // file: references only under here ("" = off)
   int max_keys_per_provider = 100;
   absl::Duration key_flush = absl::Milliseconds(100);
   // TLS: certificate chain and key (PEM); with a client CA, clients must

@@ -46,8 +46,12 @@ absl::Status DurationField(const google::protobuf::Duration& d, bool set, absl::
 }  // namespace
 
 CredentialService::CredentialService(ResourceMethods& methods, ProviderKeyStore& keys,
-                                     KeyPool& pool, CallGate& gate)
-    : methods_(methods), keys_(keys), pool_(pool), gate_(gate) {}
+                                     KeyPool& pool, CallGate& gate, std::string secret_file_dir)
+    : methods_(methods),
+      keys_(keys),
+      pool_(pool),
+      gate_(gate),
+      secret_file_dir_(std::move(secret_file_dir)) {}
 
 absl::Status CredentialService::Describe(const std::vector<v1::ProviderKey*>& keys) {
   const absl::Time now = pool_.Now();
@@ -71,7 +75,8 @@ CredentialService::Reactor* CredentialService::CreateProviderKey(
     Ctx* c, const v1::CreateProviderKeyRequest* r, v1::ProviderKey* o) {
   return gate_.Offload(c, kService, __func__, [=, this](const Caller& caller) -> absl::Status {
     const SecretInput input{r->secret(), r->secret_reference()};
-    if (absl::Status s = ValidateSecretInput(input, "secret", "secret_reference"); !s.ok()) {
+    if (absl::Status s = ValidateSecretInput(input, "secret", "secret_reference", secret_file_dir_);
+        !s.ok()) {
       return s;
     }
     CreateCall call{r,
@@ -159,6 +164,12 @@ CredentialService::Reactor* CredentialService::AcquireProviderKey(
       c, kService, __func__,
       [=, this](const Caller&) -> std::optional<absl::Status> {
         if (!invalid.ok()) return invalid;
+        // Unknown providers never reach the pool (which keeps an entry per provider).
+        if (!methods_.Exists(v1::Provider::descriptor(), r->provider())) {
+          return WithResourceInfo(
+              absl::NotFoundError(absl::StrCat(r->provider(), " does not exist")),
+              "modelvault.dev/Provider", r->provider());
+        }
         auto acquired = pool_.TryAcquire(*r);
         if (!acquired.has_value()) return std::nullopt;
         if (!acquired->ok()) return acquired->status();
@@ -204,7 +215,8 @@ CredentialService::Reactor* CredentialService::RotateProviderKey(
     ValidateRequestId(r->request_id(), violations);
     if (absl::Status s = ToStatus(std::move(violations)); !s.ok()) return s;
     const SecretInput input{r->secret(), r->secret_reference()};
-    if (absl::Status s = ValidateSecretInput(input, "secret", "secret_reference"); !s.ok()) {
+    if (absl::Status s = ValidateSecretInput(input, "secret", "secret_reference", secret_file_dir_);
+        !s.ok()) {
       return s;
     }
     absl::Duration grace;

@@ -13,8 +13,9 @@ namespace modelvault::server {
 // hot path — AcquireProviderKey — answered from the KeyPool in memory.
 class CredentialService final : public v1::CredentialService::CallbackService {
  public:
-  CredentialService(ResourceMethods& methods, ProviderKeyStore& keys, KeyPool& pool,
-                    CallGate& gate);
+  // `secret_file_dir`: where file: references may point ("" turns them off).
+  CredentialService(ResourceMethods& methods, ProviderKeyStore& keys, KeyPool& pool, CallGate& gate,
+                    std::string secret_file_dir);
 
   using Ctx = grpc::CallbackServerContext;
   using Reactor = grpc::ServerUnaryReactor;
@@ -45,6 +46,7 @@ class CredentialService final : public v1::CredentialService::CallbackService {
   ProviderKeyStore& keys_;
   KeyPool& pool_;
   CallGate& gate_;
+  const std::string secret_file_dir_;
 };
 
 }  // namespace modelvault::server

@@ -5,6 +5,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
+#include "server/log.h"
 #include "server/provider_keys.h"
 #include "storage/status_details.h"
 
@@ -179,7 +180,14 @@ absl::Status KeyPool::Load(absl::string_view provider_name, Provider& provider) 
         // A secret that does not open (tampered, or its master key missing)
         // leaves the version unusable; the key is skipped, never crashed on.
         absl::StatusOr<std::string> plain = master_keys_.Open(storage::CellText(row[2]), it->first);
-        if (plain.ok()) secret.value = *std::move(plain);
+        if (plain.ok()) {
+          secret.value = *std::move(plain);
+        } else {
+          Log(LogLevel::kWarn, "a provider-key secret does not open; the version is skipped",
+              {{"key", it->first},
+               {"version", absl::StrCat(secret.version)},
+               {"error", std::string(plain.status().message())}});
+        }
       }
       it->second->secrets.push_back(std::move(secret));
     }
@@ -203,7 +211,10 @@ absl::Status KeyPool::Load(absl::string_view provider_name, Provider& provider) 
   std::lock_guard lock(provider.mu);
   for (auto& key : fresh) {
     for (auto& old : provider.keys) {
-      if (old->name != key->name) continue;
+      // Only the same key: one deleted and created again under the name starts afresh.
+      if (old->name != key->name || old->config.create_time() != key->config.create_time()) {
+        continue;
+      }
       // What this replica counted stays; the database's view is fresher
       // than the old shared counts.
       key->pending = std::move(old->pending);
@@ -217,9 +228,10 @@ absl::Status KeyPool::Load(absl::string_view provider_name, Provider& provider) 
         key->last_outcome = old->last_outcome;
         key->last_outcome_time = old->last_outcome_time;
       }
+      // A resolved reference is reused only for the very same reference.
       for (Secret& s : key->secrets) {
         for (const Secret& o : old->secrets) {
-          if (o.version == s.version && !o.reference.empty()) {
+          if (o.version == s.version && !s.reference.empty() && o.reference == s.reference) {
             s.value = o.value;
             s.resolved = o.resolved;
           }
@@ -336,7 +348,8 @@ std::optional<absl::StatusOr<v1::AcquireProviderKeyResponse>> KeyPool::Pick(
     if (!secret.reference.empty() &&
         (secret.value.empty() || now - secret.resolved > options_.reference_ttl)) {
       if (!may_block) return std::nullopt;
-      absl::StatusOr<std::string> value = ResolveReference(secret.reference);
+      absl::StatusOr<std::string> value =
+          ResolveReference(secret.reference, options_.secret_file_dir);
       if (!value.ok()) {
         secret.value.clear();
         if (unresolved.ok()) unresolved = value.status();
@@ -426,7 +439,10 @@ absl::StatusOr<v1::KeyHealth> KeyPool::Report(const v1::ReportKeyOutcomeRequest&
     }
     const std::string day = DayOf(now);
     Roll(*key, day);
-    const std::int64_t correction = request.tokens_used() - request.estimated_tokens();
+    // Corrects today's token count by what the call really used, never below
+    // zero (a report cannot buy back more than was counted).
+    std::int64_t correction = request.tokens_used() - request.estimated_tokens();
+    correction = std::max(correction, -Effective(*key).tokens);
     if (correction != 0) key->pending[day].tokens += correction;
     switch (request.outcome()) {
       case v1::KEY_OUTCOME_SUCCESS:
@@ -529,7 +545,7 @@ absl::Status KeyPool::FlushProvider(const std::string& provider_name, Provider& 
   std::vector<Delta> deltas;
   {
     std::lock_guard lock(provider.mu);
-    if (!provider.loaded) return absl::OkStatus();
+    if (!provider.loaded || provider.keys.empty()) return absl::OkStatus();
     for (auto& key : provider.keys) {
       for (auto& [day, counts] : key->pending) {
         if (counts.requests == 0 && counts.tokens == 0) continue;

@@ -33,6 +33,8 @@ struct KeyPoolOptions {
   absl::Duration max_cooldown = absl::Minutes(10);
   // How long a resolved env:/file: reference is reused.
   absl::Duration reference_ttl = absl::Seconds(1);
+  // file: references resolve only under this folder ("" turns them off).
+  std::string secret_file_dir;
 };
 
 class KeyPool final {

@@ -1,11 +1,14 @@
 #include "server/provider_keys.h"
 
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdlib>
-#include <fstream>
 #include <map>
 #include <set>
-#include <sstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
@@ -37,10 +40,44 @@ const storage::ResourceSchema& KeySchema() {
   return *storage::SchemaRegistry::Default().ForMessage(v1::ProviderKey::descriptor());
 }
 
+// Whether `path` names something under `dir`, lexically (no `..` segments).
+bool InsideDir(absl::string_view path, absl::string_view dir) {
+  if (absl::StrContains(path, "/../") || absl::EndsWith(path, "/..")) return false;
+  std::string prefix(dir);
+  if (prefix.empty() || prefix.back() != '/') prefix.push_back('/');
+  return absl::StartsWith(path, prefix) && path.size() > prefix.size();
+}
+
+// The contents of a regular file under `dir` (symbolic links resolved, as in
+// Kubernetes secret volumes, must stay inside it), at most kMaxSecretBytes;
+// "" when it is not such a file. Never blocks on a FIFO or device.
+std::string ReadSecretFile(const std::string& path, absl::string_view dir) {
+  char real_path[PATH_MAX];
+  char real_dir[PATH_MAX];
+  if (::realpath(path.c_str(), real_path) == nullptr ||
+      ::realpath(std::string(dir).c_str(), real_dir) == nullptr ||
+      !InsideDir(real_path, real_dir)) {
+    return "";
+  }
+  const int fd = ::open(real_path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) return "";
+  std::string value;
+  struct stat info;
+  if (::fstat(fd, &info) == 0 && S_ISREG(info.st_mode) &&
+      info.st_size <= static_cast<off_t>(kMaxSecretBytes)) {
+    value.resize(kMaxSecretBytes + 1);
+    const ssize_t n = ::read(fd, value.data(), value.size());
+    value.resize(n > 0 && static_cast<size_t>(n) <= kMaxSecretBytes ? static_cast<size_t>(n) : 0);
+  }
+  ::close(fd);
+  return value;
+}
+
 }  // namespace
 
 absl::Status ValidateSecretInput(const SecretInput& input, absl::string_view secret_field,
-                                 absl::string_view reference_field) {
+                                 absl::string_view reference_field,
+                                 absl::string_view secret_file_dir) {
   if (input.secret.empty() == input.reference.empty()) {
     return InvalidFields(
         {{std::string(secret_field), absl::StrCat("exactly one of ", secret_field, " and ",
@@ -55,30 +92,48 @@ absl::Status ValidateSecretInput(const SecretInput& input, absl::string_view sec
   }
   const absl::string_view ref = input.reference;
   if (absl::StartsWith(ref, "env:")) {
-    if (ValidEnvName(ref.substr(4))) return absl::OkStatus();
-    return InvalidField(std::string(reference_field),
-                        "env: must name an environment variable ([A-Za-z_][A-Za-z0-9_]*)");
+    if (!ValidEnvName(ref.substr(4))) {
+      return InvalidField(std::string(reference_field),
+                          "env: must name an environment variable ([A-Za-z_][A-Za-z0-9_]*)");
+    }
+    // The server's own configuration (master key, database URL) is not a secret to hand out.
+    if (absl::StartsWith(ref.substr(4), "MODELVAULT_")) {
+      return InvalidField(std::string(reference_field),
+                          "MODELVAULT_* variables are the server's own configuration");
+    }
+    return absl::OkStatus();
   }
   if (absl::StartsWith(ref, "file:")) {
-    if (ref.size() > 5 && ref[5] == '/' && ref.size() <= 1024) return absl::OkStatus();
-    return InvalidField(std::string(reference_field), "file: must be followed by an absolute path");
+    const absl::string_view path = ref.substr(5);
+    if (path.empty() || path[0] != '/' || path.size() > 1024) {
+      return InvalidField(std::string(reference_field),
+                          "file: must be followed by an absolute path");
+    }
+    if (secret_file_dir.empty()) {
+      return WithFieldViolation(
+          absl::FailedPreconditionError(
+              "file: references are disabled on this server; start it with --secret-file-dir"),
+          std::string(reference_field), "file: references are disabled");
+    }
+    if (!InsideDir(path, secret_file_dir)) {
+      return InvalidField(std::string(reference_field),
+                          absl::StrCat("must name a file under ", secret_file_dir,
+                                       " (--secret-file-dir), without .. segments"));
+    }
+    return absl::OkStatus();
   }
   return InvalidField(std::string(reference_field), "must be env:NAME or file:/absolute/path");
 }
 
-absl::StatusOr<std::string> ResolveReference(absl::string_view reference) {
+absl::StatusOr<std::string> ResolveReference(absl::string_view reference,
+                                             absl::string_view secret_file_dir) {
   std::string value;
   if (absl::StartsWith(reference, "env:")) {
     const std::string name(reference.substr(4));
-    const char* v = std::getenv(name.c_str());
+    const char* v = absl::StartsWith(name, "MODELVAULT_") ? nullptr : std::getenv(name.c_str());
     if (v != nullptr) value = v;
-  } else if (absl::StartsWith(reference, "file:")) {
-    std::ifstream in(std::string(reference.substr(5)), std::ios::binary);
-    if (in) {
-      std::stringstream buffer;
-      buffer << in.rdbuf();
-      value = buffer.str();
-    }
+  } else if (absl::StartsWith(reference, "file:") && !secret_file_dir.empty()) {
+    value = ReadSecretFile(std::string(reference.substr(5)), secret_file_dir);
   }
   // Files usually end with a newline that is not part of the secret.
   while (!value.empty() && (value.back() == '\n' || value.back() == '\r')) value.pop_back();
@@ -92,10 +147,15 @@ absl::StatusOr<std::string> ResolveReference(absl::string_view reference) {
 }
 
 std::string SecretHint(absl::string_view secret) {
-  if (secret.size() >= 16) {
+  // ASCII only (a cut inside a UTF-8 sequence would be invalid text), and never
+  // more than a small part of the secret.
+  for (char c : secret) {
+    if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) > 0x7e) return "...";
+  }
+  if (secret.size() >= 32) {
     return absl::StrCat(secret.substr(0, 4), "...", secret.substr(secret.size() - 4));
   }
-  if (secret.size() >= 8) return absl::StrCat("...", secret.substr(secret.size() - 2));
+  if (secret.size() >= 16) return absl::StrCat("...", secret.substr(secret.size() - 4));
   return "...";
 }
 

@@ -24,12 +24,20 @@ struct SecretInput {
 };
 
 // INVALID_ARGUMENT (naming `secret_field` / `reference_field`) unless exactly
-// one is set and a reference is well-formed.
+// one is set and a reference is well-formed and allowed: env: never names a
+// MODELVAULT_* variable (the server's own configuration), and file: must name a
+// path under `secret_file_dir` (FAILED_PRECONDITION when that is empty: file
+// references are off). Without these, a CREDENTIALS_WRITE caller could read
+// the master key or any file of the server through AcquireProviderKey.
 absl::Status ValidateSecretInput(const SecretInput& input, absl::string_view secret_field,
-                                 absl::string_view reference_field);
-// Reads a reference now. FAILED_PRECONDITION when the variable or file is
-// missing or empty (the message names the reference, never a value).
-absl::StatusOr<std::string> ResolveReference(absl::string_view reference);
+                                 absl::string_view reference_field,
+                                 absl::string_view secret_file_dir);
+// Reads a reference now (a file: only if it is a regular file of at most 8 KiB
+// whose real path is under `secret_file_dir`). FAILED_PRECONDITION when it is
+// missing, empty or not allowed (the message names the reference, never a
+// value).
+absl::StatusOr<std::string> ResolveReference(absl::string_view reference,
+                                             absl::string_view secret_file_dir);
 // "sk-p...wxyz": enough to recognize a secret, never enough to use it.
 std::string SecretHint(absl::string_view secret);
 

@@ -144,6 +144,11 @@ absl::Status ResourceMethods::Get(const Descriptor* type, absl::string_view name
   return absl::OkStatus();
 }
 
+bool ResourceMethods::Exists(const Descriptor* type, absl::string_view name) const {
+  std::shared_ptr<const Message> cached = cache_.Get(name);
+  return cached != nullptr && cached->GetDescriptor() == type;
+}
+
 absl::Status ResourceMethods::Update(const UpdateCall& call, Message* out) {
   std::vector<FieldViolation> violations;
   ValidateRequestId(call.request_id, violations);

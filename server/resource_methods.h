@@ -91,6 +91,8 @@ class ResourceMethods final {
   absl::Status Get(const google::protobuf::Descriptor* type, absl::string_view name,
                    google::protobuf::Message* out);
   absl::Status Update(const UpdateCall& call, google::protobuf::Message* out);
+  // Whether the cache holds `name` as a `type` (no copy; for hot paths).
+  bool Exists(const google::protobuf::Descriptor* type, absl::string_view name) const;
   absl::Status Delete(const DeleteCall& call);
   // Fills the repeated resource field and next_page_token of `out`.
   absl::Status List(const ListCall& call, google::protobuf::Message* out);

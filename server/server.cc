@@ -122,6 +122,7 @@ class Flusher final {
         Log(LogLevel::kDebug, "key counters not written yet",
             {{"error", std::string(s.message())}});
       }
+      auth_.RetryReloads();
       if (absl::Now() - last_used_flush_ > absl::Seconds(10)) {
         last_used_flush_ = absl::Now();
         auth_.FlushLastUsed().IgnoreError();  // kept and retried on failure
@@ -146,6 +147,8 @@ absl::StatusOr<crypto::MasterKeyRing> LoadMasterKeys(const ServeConfig& config) 
   const char* env = std::getenv("MODELVAULT_MASTER_KEY");
   absl::StatusOr<crypto::MasterKeyRing> ring =
       crypto::MasterKeyRing::Parse(env == nullptr ? "" : env);
+  // Read once; nothing later in this process (or a child) needs to see it.
+  ::unsetenv("MODELVAULT_MASTER_KEY");
   if (!ring.ok()) return ring.status();
   if (ring->empty()) {
     return absl::FailedPreconditionError(
@@ -243,6 +246,7 @@ absl::Status RunServer(const ServeConfig& config) {
   if (absl::Status s = auth.Load(); !s.ok()) return s;
   KeyPoolOptions pool_options;
   pool_options.zone = key_zone;
+  pool_options.secret_file_dir = config.secret_file_dir;
   KeyPool pool(**datastore, *master_keys, pool_options);
   ChangeHub hub(**datastore, config.feed_poll);
   hub.AddListener([&](const storage::ChangeRecord& change) {
@@ -269,7 +273,7 @@ absl::Status RunServer(const ServeConfig& config) {
   CallGate gate(auth, executor, draining, calls, active);
   CatalogService catalog(methods, hub, gate);
   ProviderKeyStore provider_keys(store, *master_keys, config.max_keys_per_provider);
-  CredentialService credentials_service(methods, provider_keys, pool, gate);
+  CredentialService credentials_service(methods, provider_keys, pool, gate, config.secret_file_dir);
   AccessService access(methods, auth, gate);
   Flusher flusher(pool, auth, config.key_flush);
 

@@ -51,6 +51,12 @@ absl::StatusOr<std::shared_ptr<grpc::Channel>> MakeChannel(const std::string& ta
                                                            const ChannelOptions& options) {
   std::shared_ptr<grpc::ChannelCredentials> credentials = grpc::InsecureChannelCredentials();
   grpc::ChannelArguments args;
+  if (options.tls_ca_file.empty() &&
+      (!options.tls_cert_file.empty() || !options.tls_key_file.empty() ||
+       !options.tls_server_name.empty())) {
+    // Never fall back to plaintext (and send the token in clear) when TLS was meant.
+    return absl::InvalidArgumentError("TLS options need --tls-ca (the server's CA certificate)");
+  }
   if (!options.tls_ca_file.empty()) {
     grpc::SslCredentialsOptions ssl;
     if (absl::Status s = ReadFile(options.tls_ca_file, ssl.pem_root_certs); !s.ok()) return s;

@@ -4,6 +4,8 @@
 // concurrency, health with cool-downs shared by replicas, calendar days in a time zone,
 // rotation with a grace period, and the per-provider key limit. Every time-dependent case
 // runs on a fake clock; nothing sleeps.
+#include <sys/stat.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
@@ -517,6 +519,9 @@ TEST_P(CredentialsTest, FileReferenceIsResolvedWithoutTrailingNewline) {
     std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
   };
   write("sk-from-file-1\n");
+  KeyPoolOptions options;
+  options.secret_file_dir = dir.string();
+  pool_ = NewPool(options);
   CreateKey("k1", "file:" + path);
   CreateKey("k2", "file:" + (dir / "missing").string());
 
@@ -533,16 +538,46 @@ TEST_P(CredentialsTest, FileReferenceIsResolvedWithoutTrailingNewline) {
 
   ExpectStatus(pool().Acquire(Request(KeyName("k2"))), absl::StatusCode::kFailedPrecondition,
                "SECRET_REFERENCE_UNRESOLVED");
+
+  // Only regular files whose real path is inside the folder, never blocking: a link out
+  // of it, a FIFO (whose open would wait for a writer) and a file too large to be a key
+  // all stay unresolved.
+  const std::filesystem::path outside =
+      std::filesystem::path(::testing::TempDir()) / ("mv_outside_" + RandomHex(8));
+  std::ofstream(outside) << "sk-outside-the-folder\n";
+  std::filesystem::create_symlink(outside, dir / "link-out");
+  ASSERT_EQ(mkfifo((dir / "fifo").c_str(), 0600), 0);
+  std::ofstream(dir / "large") << std::string(9000, 'x');
+  CreateKey("k3", "file:" + (dir / "link-out").string());
+  CreateKey("k4", "file:" + (dir / "fifo").string());
+  CreateKey("k5", "file:" + (dir / "large").string());
+  for (const std::string id : {"k3", "k4", "k5"}) {
+    ExpectStatus(pool().Acquire(Request(KeyName(id))), absl::StatusCode::kFailedPrecondition,
+                 "SECRET_REFERENCE_UNRESOLVED");
+  }
+  // A link that stays inside (as in Kubernetes secret volumes) is fine.
+  std::filesystem::create_symlink(dir / "secret", dir / "link-in");
+  CreateKey("k6", "file:" + (dir / "link-in").string());
+  r = pool().Acquire(Request(KeyName("k6")));
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->secret(), "sk-from-file-2");
   std::filesystem::remove_all(dir);
+  std::filesystem::remove(outside);
 }
 
 TEST_P(CredentialsTest, ValidateSecretInputRejectsMalformedInput) {
   const auto validate = [](const std::string& secret, const std::string& reference) {
-    return server::ValidateSecretInput({secret, reference}, "secret", "secret_reference");
+    return server::ValidateSecretInput({secret, reference}, "secret", "secret_reference",
+                                       "/run/secrets");
   };
   EXPECT_TRUE(validate("sk-abc", "").ok());
   EXPECT_TRUE(validate("", "env:GOOD_NAME_1").ok());
   EXPECT_TRUE(validate("", "file:/run/secrets/openai").ok());
+  // File references are off unless the server names a folder for them.
+  EXPECT_EQ(server::ValidateSecretInput({"", "file:/run/secrets/openai"}, "secret",
+                                        "secret_reference", "")
+                .code(),
+            absl::StatusCode::kFailedPrecondition);
 
   for (const auto& [secret, reference] :
        std::vector<std::pair<std::string, std::string>>{{"sk-both-set-12345", "env:GOOD"},
@@ -551,7 +586,15 @@ TEST_P(CredentialsTest, ValidateSecretInputRejectsMalformedInput) {
                                                         {"", "env:"},
                                                         {"", "file:relative/path"},
                                                         {"", "file:"},
-                                                        {"", "ftp:x"}}) {
+                                                        {"", "ftp:x"},
+                                                        // the server's own configuration
+                                                        {"", "env:MODELVAULT_MASTER_KEY"},
+                                                        {"", "env:MODELVAULT_DATABASE"},
+                                                        // outside the allowed folder
+                                                        {"", "file:/etc/passwd"},
+                                                        {"", "file:/run/secrets/../../etc/passwd"},
+                                                        {"", "file:/run/secretsX/openai"},
+                                                        {"", "file:/run/secrets/"}}) {
     absl::Status s = validate(secret, reference);
     EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument) << secret << " / " << reference;
     if (!secret.empty()) {
@@ -1054,6 +1097,17 @@ TEST_P(CredentialsTest, RewrapSkipsAndReportsSecretsThatDoNotOpen) {
   ASSERT_TRUE(result.ok()) << result.status();
   EXPECT_EQ(result->rewrapped, 0);
   EXPECT_THAT(result->failed, ::testing::ElementsAre(KeyName("k2") + "@1"));
+}
+
+// The hint shows 8 characters only of a long secret, 4 of a medium one, none of a short
+// or non-ASCII one (a cut inside UTF-8 would not be text).
+TEST(SecretHintTest, ShowsLittleOfTheSecret) {
+  EXPECT_EQ(server::SecretHint("sk-proj-0123456789abcdefghijklmnopqrstuv"), "sk-p...stuv");
+  EXPECT_EQ(server::SecretHint("sk-0123456789abcdef"), "...cdef");
+  EXPECT_EQ(server::SecretHint("short-secret"), "...");
+  EXPECT_EQ(server::SecretHint("sk-\xc3\xa9\xc3\xa9"
+                               "0123456789abcdefghijklmnopqrstuvwxyz"),
+            "...");
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, CredentialsTest, AllEngines(), NameGen());

@@ -387,9 +387,9 @@ TEST_P(CredentialsApiTest, CreateAcquireReadLimitAndDeleteAKey) {
 TEST_P(CredentialsApiTest, RotationServesTheNewSecretAndTheOldOneByVersion) {
   ASSERT_NO_FATAL_FAILURE(Start());
   ASSERT_TRUE(CreateProvider("acme").ok());
-  const std::string s1 = absl::StrCat("sk-one-", RandomHex(12));
-  const std::string s2 = absl::StrCat("sk-two-", RandomHex(12));
-  const std::string s3 = absl::StrCat("sk-three-", RandomHex(12));
+  const std::string s1 = absl::StrCat("sk-one-", RandomHex(16));
+  const std::string s2 = absl::StrCat("sk-two-", RandomHex(16));
+  const std::string s3 = absl::StrCat("sk-three-", RandomHex(16));
   absl::StatusOr<v1::ProviderKey> created = CreateKey("acme", "k", s1);
   ASSERT_TRUE(created.ok()) << created.status();
   const std::string name = created->name();
@@ -857,7 +857,7 @@ TEST_P(CredentialsApiTest, EnvAndFileReferencesAreResolvedAtAcquisition) {
   ASSERT_EQ(setenv(var.c_str(), env_value.c_str(), 1), 0);
   const std::string dir = MakeTempDir();
   ASSERT_NO_FATAL_FAILURE(WriteFile(dir + "/secret", file_value + "\n"));
-  ASSERT_NO_FATAL_FAILURE(Start());
+  ASSERT_NO_FATAL_FAILURE(Start({"--secret-file-dir", dir}));
   unsetenv(var.c_str());  // the server has its copy
   ASSERT_TRUE(CreateProvider("acme").ok());
 
@@ -879,6 +879,12 @@ TEST_P(CredentialsApiTest, EnvAndFileReferencesAreResolvedAtAcquisition) {
       Acquire("providers/acme", file_key->name());
   ASSERT_TRUE(from_file.ok()) << from_file.status();
   EXPECT_EQ(from_file->secret(), file_value) << "the trailing newline is not part of the secret";
+
+  // Outside --secret-file-dir, and the server's own configuration: refused at once.
+  EXPECT_TRUE(IsError(CreateKey("acme", "outside", "", "file:/etc/passwd").status(),
+                      absl::StatusCode::kInvalidArgument, "secret_reference"));
+  EXPECT_TRUE(IsError(CreateKey("acme", "own", "", "env:MODELVAULT_MASTER_KEY").status(),
+                      absl::StatusCode::kInvalidArgument, "secret_reference"));
 
   absl::StatusOr<v1::ProviderKey> unresolved = CreateKey("acme", "missing", "", "env:" + missing);
   ASSERT_TRUE(unresolved.ok()) << unresolved.status();
