@@ -63,7 +63,9 @@ void CatalogCache::Put(absl::string_view name, std::int64_t seq,
                        std::shared_ptr<const google::protobuf::Message> resource) {
   std::unique_lock lock(mu_);
   Entry& entry = entries_[name];
-  if (entry.seq > seq) return;
+  // A change this replica already applied (its own write, echoed by the feed)
+  // changes nothing: the version stays, and list pages stay valid.
+  if (seq <= entry.seq && entry.seq > 0) return;
   entry.seq = seq;
   entry.resource = std::move(resource);
   version_.fetch_add(1, std::memory_order_acq_rel);
