@@ -238,8 +238,8 @@ class LoadGenerator final {
                                         std::move(done));
         break;
       case Method::kAcquireProviderKey:
-        slot->credential_stub->async()->AcquireProviderKey(
-            slot->context.get(), &acquire_request_, &slot->acquired, std::move(done));
+        slot->credential_stub->async()->AcquireProviderKey(slot->context.get(), &acquire_request_,
+                                                           &slot->acquired, std::move(done));
         break;
       case Method::kVerifyAccessKey:
         slot->access_stub->async()->VerifyAccessKey(slot->context.get(), &verify_request_,
@@ -301,24 +301,24 @@ uint32_t Percentile(const std::vector<uint32_t>& sorted, double q) {
 }
 
 int Main(int argc, char** argv) {
-  Flags flags("mv_loadgen",
-              "--target HOST:PORT --method GetModel|ListModels|AcquireProviderKey|VerifyAccessKey "
-              "[--channels N] [--inflight N] [--seconds S] [--warmup S] [--name NAME] "
-              "[--parent PARENT] [--page-size N] [--provider P] [--token T] "
-              "[--metadata KEY=VALUE]",
-              {{"target", "127.0.0.1:50051", "server address, HOST:PORT"},
-               {"method", "GetModel",
-                "GetModel, ListModels, AcquireProviderKey or VerifyAccessKey"},
-               {"channels", "4", "channels, each with its own connection"},
-               {"inflight", "32", "calls kept outstanding per channel"},
-               {"seconds", "5", "length of the measured window"},
-               {"warmup", "1", "seconds of load before the window"},
-               {"name", "providers/openai/models/gpt-4o", "GetModel: the model's name"},
-               {"parent", "providers/-", "ListModels: the parent"},
-               {"page_size", "50", "ListModels: the page size"},
-               {"provider", "providers/openai", "AcquireProviderKey: the provider"},
-               {"token", "", "VerifyAccessKey: the token to verify"},
-               {"metadata", "", "KEY=VALUE header sent with every call, e.g. credentials"}});
+  Flags flags(
+      "mv_loadgen",
+      "--target HOST:PORT --method GetModel|ListModels|AcquireProviderKey|VerifyAccessKey "
+      "[--channels N] [--inflight N] [--seconds S] [--warmup S] [--name NAME] "
+      "[--parent PARENT] [--page-size N] [--provider P] [--token T] "
+      "[--metadata KEY=VALUE]",
+      {{"target", "127.0.0.1:50051", "server address, HOST:PORT"},
+       {"method", "GetModel", "GetModel, ListModels, AcquireProviderKey or VerifyAccessKey"},
+       {"channels", "4", "channels, each with its own connection"},
+       {"inflight", "32", "calls kept outstanding per channel"},
+       {"seconds", "5", "length of the measured window"},
+       {"warmup", "1", "seconds of load before the window"},
+       {"name", "providers/openai/models/gpt-4o", "GetModel: the model's name"},
+       {"parent", "providers/-", "ListModels: the parent"},
+       {"page_size", "50", "ListModels: the page size"},
+       {"provider", "providers/openai", "AcquireProviderKey: the provider"},
+       {"token", "", "VerifyAccessKey: the token to verify"},
+       {"metadata", "", "KEY=VALUE header sent with every call, e.g. credentials"}});
   if (!flags.Parse(argc, argv)) return 2;
   Options options;
   int64_t channels = 0;

@@ -26,8 +26,8 @@
 #include "flags.h"
 #include "modelvault/v1/access.grpc.pb.h"
 #include "modelvault/v1/catalog.grpc.pb.h"
-#include "modelvault/v1/credentials.grpc.pb.h"
 #include "modelvault/v1/catalog_resources.pb.h"
+#include "modelvault/v1/credentials.grpc.pb.h"
 
 namespace modelvault::bench {
 namespace {

@@ -866,8 +866,10 @@ TEST_P(AuthTest, LastUsedTimeIsRecorded) {
 
 // --- 4. Replicas ------------------------------------------------------------------------
 
-TEST_P(AuthTest, ReplicasSeeNewAndRevokedKeys) {
-  if (!is_postgres()) GTEST_SKIP() << "replicas share a database only on PostgreSQL";
+// Replicas share a database only on PostgreSQL: this suite runs there alone.
+class AuthReplicaTest : public AuthTest {};
+
+TEST_P(AuthReplicaTest, ReplicasSeeNewAndRevokedKeys) {
   ASSERT_NO_FATAL_FAILURE(StartServer());  // B, on the same database and key files
 
   // A key created on A works on B.
@@ -947,8 +949,7 @@ TEST_P(AuthTest, BootstrapWritesOneAdminKeyOnce) {
   EXPECT_TRUE(Probe(admin()).ok());
 }
 
-TEST_P(AuthTest, ConcurrentFirstStartsCreateOneAdminKey) {
-  if (!is_postgres()) GTEST_SKIP() << "concurrent servers share a database only on PostgreSQL";
+TEST_P(AuthReplicaTest, ConcurrentFirstStartsCreateOneAdminKey) {
   // A database of its own: the fixture's server has bootstrapped the test database already.
   absl::StatusOr<std::unique_ptr<conformance::TestDatabase>> fresh =
       conformance::CreateTestDatabase("postgres");
@@ -998,6 +999,9 @@ TEST_P(AuthTest, ConcurrentFirstStartsCreateOneAdminKey) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, AuthTest, conformance::AllEngines(), conformance::NameGen());
+INSTANTIATE_TEST_SUITE_P(Postgres, AuthReplicaTest,
+                         ::testing::Values(conformance::EngineParam{"postgres"}),
+                         conformance::NameGen());
 
 }  // namespace
 }  // namespace modelvault::e2e

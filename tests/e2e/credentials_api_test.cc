@@ -786,8 +786,10 @@ void MakePki(Pki& pki) {
   pki.other_client_key = p("oclient.key");
 }
 
-TEST_P(CredentialsApiTest, TlsAndMutualTls) {
-  if (!is_sqlite()) GTEST_SKIP() << "the transport does not depend on the engine: SQLite only";
+// The transport does not depend on the engine: this suite runs on SQLite alone.
+class TransportTest : public CredentialsApiTest {};
+
+TEST_P(TransportTest, TlsAndMutualTls) {
   Pki pki;
   ASSERT_NO_FATAL_FAILURE(MakePki(pki));
 
@@ -896,6 +898,9 @@ TEST_P(CredentialsApiTest, EnvAndFileReferencesAreResolvedAtAcquisition) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, CredentialsApiTest, conformance::AllEngines(),
+                         conformance::NameGen());
+INSTANTIATE_TEST_SUITE_P(Sqlite, TransportTest,
+                         ::testing::Values(conformance::EngineParam{"sqlite"}),
                          conformance::NameGen());
 
 }  // namespace

@@ -541,28 +541,28 @@ std::string MigrationState(const CommandResult& status, absl::string_view migrat
 }
 
 TEST_F(PostgresLifecycleTest, MigrateStatusAndDown) {
-  const CommandResult before = RunModelvault({"migrate", "status", "--database", url()});
-  ASSERT_EQ(before.exit_code, 0) << before.output;
+  // Runs `migrate VERB` and then `migrate status`; the status output.
+  const auto migrate = [&](const std::string& verb) {
+    if (verb != "status") {
+      const CommandResult run = RunModelvault({"migrate", verb, "--database", url()});
+      EXPECT_EQ(run.exit_code, 0) << run.output;
+    }
+    const CommandResult status = RunModelvault({"migrate", "status", "--database", url()});
+    EXPECT_EQ(status.exit_code, 0) << status.output;
+    return status;
+  };
+  const CommandResult before = migrate("status");
   EXPECT_EQ(MigrationState(before, "0001_catalog"), "pending") << before.output;
 
-  const CommandResult up = RunModelvault({"migrate", "up", "--database", url()});
-  ASSERT_EQ(up.exit_code, 0) << up.output;
-  const CommandResult applied = RunModelvault({"migrate", "status", "--database", url()});
-  ASSERT_EQ(applied.exit_code, 0) << applied.output;
+  const CommandResult applied = migrate("up");
   EXPECT_EQ(MigrationState(applied, "0001_catalog"), "applied") << applied.output;
-
   EXPECT_EQ(MigrationState(applied, "0002_credentials"), "applied") << applied.output;
 
   // Down reverts the newest migration only.
-  const CommandResult down = RunModelvault({"migrate", "down", "--database", url()});
-  ASSERT_EQ(down.exit_code, 0) << down.output;
-  const CommandResult reverted = RunModelvault({"migrate", "status", "--database", url()});
-  ASSERT_EQ(reverted.exit_code, 0) << reverted.output;
+  const CommandResult reverted = migrate("down");
   EXPECT_EQ(MigrationState(reverted, "0002_credentials"), "pending") << reverted.output;
   EXPECT_EQ(MigrationState(reverted, "0001_catalog"), "applied") << reverted.output;
-  const CommandResult down_again = RunModelvault({"migrate", "down", "--database", url()});
-  ASSERT_EQ(down_again.exit_code, 0) << down_again.output;
-  const CommandResult empty = RunModelvault({"migrate", "status", "--database", url()});
+  const CommandResult empty = migrate("down");
   EXPECT_EQ(MigrationState(empty, "0001_catalog"), "pending") << empty.output;
 
   // Reverted means serving needs a migration again.
