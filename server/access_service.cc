@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
 #include "server/crypto/access_token.h"
+#include "server/proto_time.h"
 #include "server/validation.h"
 
 namespace modelvault::server {
@@ -22,10 +23,6 @@ using google::protobuf::util::TimeUtil;
 constexpr absl::string_view kService = "/modelvault.v1.AccessService/";
 constexpr absl::Duration kDefaultGrace = absl::Hours(1);
 constexpr absl::Duration kMaxGrace = absl::Hours(24 * 30);
-
-google::protobuf::Timestamp ToProto(absl::Time t) {
-  return TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(t));
-}
 
 absl::Status CheckKeyName(absl::string_view name) {
   if (name.empty()) return InvalidField("name", "is required");

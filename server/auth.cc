@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
 #include "server/crypto/access_token.h"
+#include "server/proto_time.h"
 #include "server/scopes.h"
 #include "storage/status_details.h"
 
@@ -22,10 +23,6 @@ constexpr absl::string_view kAccessKeyType = "modelvault.dev/AccessKey";
 absl::Status InvalidToken() {
   return WithErrorInfo(absl::UnauthenticatedError("the access key is not valid"),
                        "INVALID_ACCESS_KEY");
-}
-
-absl::Time FromProto(const google::protobuf::Timestamp& t) {
-  return absl::FromUnixMicros(TimeUtil::TimestampToMicroseconds(t));
 }
 
 }  // namespace

@@ -7,6 +7,7 @@
 #include "google/protobuf/util/json_util.h"
 #include "google/protobuf/util/time_util.h"
 #include "server/grpc_status.h"
+#include "server/proto_time.h"
 #include "server/watch_reactor.h"
 
 namespace modelvault::server {
@@ -40,7 +41,7 @@ bool ToCatalogChange(const storage::ChangeRecord& change, v1::WatchCatalogRespon
               : change.change_type == "UPDATED" ? v1::CHANGE_TYPE_UPDATED
                                                 : v1::CHANGE_TYPE_DELETED);
   c->set_resource_name(change.resource_name);
-  *c->mutable_time() = TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(change.time));
+  *c->mutable_time() = ToProto(change.time);
   return true;
 }
 
@@ -73,7 +74,7 @@ void CheckModel(const google::protobuf::Message& message, absl::string_view pref
 
 absl::StatusOr<v1::ModelPrice> PriceAt(const v1::Model& model, absl::Time time) {
   const v1::ModelPrice* best = nullptr;
-  const auto at = TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(time));
+  const auto at = ToProto(time);
   for (const v1::ModelPrice& p : model.prices()) {
     if (p.effective_time() <= at &&
         (best == nullptr || p.effective_time() > best->effective_time())) {
@@ -258,8 +259,7 @@ grpc::ServerWriteReactor<v1::WatchCatalogResponse>* CatalogService::WatchCatalog
     Ctx* c, const v1::WatchCatalogRequest* r) {
   auto reactor = WatchReactor<v1::WatchCatalogResponse>::Create(
       kWatchQueue, ToCatalogChange, [](absl::Time now, v1::WatchCatalogResponse& out) {
-        *out.mutable_checkpoint()->mutable_time() =
-            TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(now));
+        *out.mutable_checkpoint()->mutable_time() = ToProto(now);
       });
   std::optional<std::int64_t> after;
   absl::Status status = gate_.Authorize(c, kService, __func__).status();

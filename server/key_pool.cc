@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
 #include "server/log.h"
+#include "server/proto_time.h"
 #include "server/provider_keys.h"
 #include "storage/status_details.h"
 
@@ -23,14 +24,6 @@ const storage::ResourceSchema& KeySchema() {
 std::string ProviderOf(absl::string_view key_name) {
   const size_t at = key_name.find("/keys/");
   return std::string(key_name.substr(0, at == absl::string_view::npos ? 0 : at));
-}
-
-absl::Time FromProto(const google::protobuf::Timestamp& t) {
-  return absl::FromUnixMicros(TimeUtil::TimestampToMicroseconds(t));
-}
-
-google::protobuf::Timestamp ToProto(absl::Time t) {
-  return TimeUtil::MicrosecondsToTimestamp(absl::ToUnixMicros(t));
 }
 
 std::string Rfc3339(absl::Time t) {

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "google/protobuf/util/time_util.h"
 #include "server/crypto/access_token.h"
+#include "server/proto_time.h"
 #include "storage/status_details.h"
 
 namespace modelvault::server {
@@ -25,10 +26,6 @@ using storage::SqlCell;
 using storage::SqlType;
 
 constexpr size_t kMaxSecretBytes = 8192;
-
-google::protobuf::Timestamp ToProto(std::int64_t micros) {
-  return TimeUtil::MicrosecondsToTimestamp(micros);
-}
 
 bool ValidEnvName(absl::string_view name) {
   if (name.empty() || name.size() > 255) return false;
@@ -277,8 +274,9 @@ absl::Status ProviderKeyStore::Describe(const std::vector<v1::ProviderKey*>& key
         v->set_version(storage::CellInt(row[0]));
         v->set_reference(storage::CellText(row[1]));
         v->set_hint(storage::CellText(row[2]));
-        *v->mutable_create_time() = ToProto(storage::CellInt(row[3]));
-        if (row[4].has_value()) *v->mutable_expire_time() = ToProto(storage::CellInt(row[4]));
+        *v->mutable_create_time() = ToProto(absl::FromUnixMicros(storage::CellInt(row[3])));
+        if (row[4].has_value())
+          *v->mutable_expire_time() = ToProto(absl::FromUnixMicros(storage::CellInt(row[4])));
         if (v->version() == key->secret_version()) {
           v->set_state(v1::SecretVersion::STATE_CURRENT);
         } else if (row[4].has_value() && storage::CellInt(row[4]) > absl::ToUnixMicros(now)) {
@@ -298,7 +296,8 @@ absl::Status ProviderKeyStore::Describe(const std::vector<v1::ProviderKey*>& key
         key->mutable_usage()->set_requests(storage::CellInt(row[0]));
         key->mutable_usage()->set_tokens(storage::CellInt(row[1]));
         if (row[2].has_value()) {
-          *key->mutable_usage()->mutable_last_used_time() = ToProto(storage::CellInt(row[2]));
+          *key->mutable_usage()->mutable_last_used_time() =
+              ToProto(absl::FromUnixMicros(storage::CellInt(row[2])));
         }
       }
       absl::StatusOr<std::vector<storage::SqlRow>> health = reader.Query(
@@ -309,14 +308,16 @@ absl::Status ProviderKeyStore::Describe(const std::vector<v1::ProviderKey*>& key
       if (!health->empty()) {
         const storage::SqlRow& row = health->front();
         if (row[0].has_value() && storage::CellInt(row[0]) > absl::ToUnixMicros(now)) {
-          *key->mutable_health()->mutable_degraded_until() = ToProto(storage::CellInt(row[0]));
+          *key->mutable_health()->mutable_degraded_until() =
+              ToProto(absl::FromUnixMicros(storage::CellInt(row[0])));
         }
         key->mutable_health()->set_consecutive_failures(storage::CellInt(row[1]));
         v1::KeyOutcome outcome = v1::KEY_OUTCOME_UNSPECIFIED;
         v1::KeyOutcome_Parse(storage::CellText(row[2]), &outcome);
         key->mutable_health()->set_last_outcome(outcome);
         if (row[3].has_value()) {
-          *key->mutable_health()->mutable_last_outcome_time() = ToProto(storage::CellInt(row[3]));
+          *key->mutable_health()->mutable_last_outcome_time() =
+              ToProto(absl::FromUnixMicros(storage::CellInt(row[3])));
         }
       }
     }
