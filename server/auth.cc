@@ -31,7 +31,8 @@ bool Grants(const std::vector<v1::Scope>& scopes, v1::Scope required) {
   return std::ranges::any_of(scopes, [required](v1::Scope s) {
     return s == required || s == v1::SCOPE_ADMIN ||
            (s == v1::SCOPE_CATALOG_WRITE && required == v1::SCOPE_CATALOG_READ) ||
-           (s == v1::SCOPE_CREDENTIALS_WRITE && required == v1::SCOPE_CREDENTIALS_READ);
+           (s == v1::SCOPE_CREDENTIALS_WRITE && required == v1::SCOPE_CREDENTIALS_READ) ||
+           (s == v1::SCOPE_BUDGETS_WRITE && required == v1::SCOPE_BUDGETS_READ);
   });
 }
 

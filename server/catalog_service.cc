@@ -261,27 +261,8 @@ grpc::ServerWriteReactor<v1::WatchCatalogResponse>* CatalogService::WatchCatalog
       kWatchQueue, ToCatalogChange, [](absl::Time now, v1::WatchCatalogResponse& out) {
         *out.mutable_checkpoint()->mutable_time() = ToProto(now);
       });
-  std::optional<std::int64_t> after;
-  absl::Status status = gate_.Authorize(c, kService, __func__).status();
-  if (status.ok() && !r->cursor().empty()) {
-    absl::StatusOr<std::int64_t> seq = DecodeCursor(r->cursor());
-    if (seq.ok()) {
-      after = *seq;
-    } else {
-      status = seq.status();
-    }
-  }
-  const int interval =
-      r->checkpoint_interval_seconds() == 0 ? 10 : r->checkpoint_interval_seconds();
-  if (status.ok() && (interval < 1 || interval > 300)) {
-    status = InvalidField("checkpoint_interval_seconds", "must be between 1 and 300");
-  }
-  if (!status.ok()) {
-    reactor->Close(status, after.value_or(0));
-    return reactor.get();
-  }
-  hub_.Subscribe(reactor, after, absl::Seconds(interval));
-  return reactor.get();
+  return StartWatch(reactor, gate_.Authorize(c, kService, __func__).status(), r->cursor(),
+                    r->checkpoint_interval_seconds(), hub_);
 }
 
 }  // namespace modelvault::server

@@ -37,6 +37,8 @@ Secrets and access:
   --key-time-zone TZ       calendar days of provider-key limits (default UTC)
   --max-keys-per-provider N  (default 100)
   --key-flush-ms N         how often key counters are written and shared (default 100)
+  --usage-retention-days N days raw usage records are kept; rollups stay (default 90)
+  --usage-poll-ms N        how often other replicas' usage records are looked for (default 20)
   --secret-file-dir DIR    provider-key secrets may be file: references to files under DIR
                            (off by default; env: references may name any variable except
                            MODELVAULT_*)
@@ -87,15 +89,30 @@ std::string Flags::Get(absl::string_view name, absl::string_view fallback) const
 bool Flags::Has(absl::string_view name) const { return values_.find(name) != values_.end(); }
 
 absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& args) {
-  absl::StatusOr<Flags> flags =
-      Flags::Parse(args, {"listen",         "database",          "migrate",
-                          "log-level",      "log-format",        "shutdown-timeout",
-                          "port-file",      "db-pool",           "workers",
-                          "feed-poll-ms",   "max-message-bytes", "master-key-file",
-                          "admin-key-file", "key-time-zone",     "max-keys-per-provider",
-                          "key-flush-ms",   "tls-cert",          "tls-key",
-                          "tls-client-ca",  "secret-file-dir"},
-                   {"migrate"});
+  absl::StatusOr<Flags> flags = Flags::Parse(args,
+                                             {"listen",
+                                              "database",
+                                              "migrate",
+                                              "log-level",
+                                              "log-format",
+                                              "shutdown-timeout",
+                                              "port-file",
+                                              "db-pool",
+                                              "workers",
+                                              "feed-poll-ms",
+                                              "max-message-bytes",
+                                              "master-key-file",
+                                              "admin-key-file",
+                                              "key-time-zone",
+                                              "max-keys-per-provider",
+                                              "key-flush-ms",
+                                              "tls-cert",
+                                              "tls-key",
+                                              "tls-client-ca",
+                                              "secret-file-dir",
+                                              "usage-poll-ms",
+                                              "usage-retention-days"},
+                                             {"migrate"});
   if (!flags.ok()) return flags.status();
   if (!flags->positional().empty()) {
     return absl::InvalidArgumentError(absl::StrCat("unexpected argument ", flags->positional()[0]));
@@ -122,6 +139,7 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
   int seconds = 0;
   int poll_ms = 0;
   int flush_ms = 0;
+  int usage_poll_ms = 0;
   for (absl::Status s :
        {number("shutdown-timeout", 10, 0, 3600, seconds),
         number("db-pool", 8, 1, 256, config.pool_size),
@@ -129,12 +147,15 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
         number("feed-poll-ms", 200, 10, 10000, poll_ms),
         number("max-message-bytes", 4 << 20, 1024, 1 << 30, config.max_message_bytes),
         number("max-keys-per-provider", 100, 1, 1000, config.max_keys_per_provider),
-        number("key-flush-ms", 100, 10, 10000, flush_ms)}) {
+        number("key-flush-ms", 100, 10, 10000, flush_ms),
+        number("usage-poll-ms", 20, 1, 10000, usage_poll_ms),
+        number("usage-retention-days", 90, 1, 36500, config.usage_retention_days)}) {
     if (!s.ok()) return s;
   }
   config.shutdown_timeout = absl::Seconds(seconds);
   config.feed_poll = absl::Milliseconds(poll_ms);
   config.key_flush = absl::Milliseconds(flush_ms);
+  config.usage_poll = absl::Milliseconds(usage_poll_ms);
   config.master_key_file = flags->Get("master-key-file");
   config.key_time_zone = flags->Get("key-time-zone", "UTC");
   config.secret_file_dir = flags->Get("secret-file-dir");

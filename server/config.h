@@ -55,6 +55,10 @@ struct ServeConfig {
   std::string secret_file_dir;  // file: references only under here ("" = off)
   int max_keys_per_provider = 100;
   absl::Duration key_flush = absl::Milliseconds(100);
+  // Usage: how often replicas look for each other's records (this
+  // replica's own wake the watchers at once), and how long raw records stay.
+  absl::Duration usage_poll = absl::Milliseconds(20);
+  int usage_retention_days = 90;
   // TLS: certificate chain and key (PEM); with a client CA, clients must
   // present a certificate it signed (mTLS).
   std::string tls_cert_file;

@@ -5,8 +5,10 @@
 #include "absl/strings/strip.h"
 #include "google/protobuf/descriptor.h"
 #include "modelvault/v1/access.grpc.pb.h"
+#include "modelvault/v1/budgets.grpc.pb.h"
 #include "modelvault/v1/catalog.grpc.pb.h"
 #include "modelvault/v1/credentials.grpc.pb.h"
+#include "modelvault/v1/usage.grpc.pb.h"
 
 namespace modelvault::server {
 namespace {
@@ -14,9 +16,9 @@ namespace {
 // Services compiled into the binary; linking their descriptors here keeps
 // the pool populated.
 const google::protobuf::FileDescriptor* const kFiles[] = {
-    v1::GetModelRequest::descriptor()->file(),
-    v1::GetProviderKeyRequest::descriptor()->file(),
-    v1::GetAccessKeyRequest::descriptor()->file(),
+    v1::GetModelRequest::descriptor()->file(),     v1::GetProviderKeyRequest::descriptor()->file(),
+    v1::GetAccessKeyRequest::descriptor()->file(), v1::RecordUsageRequest::descriptor()->file(),
+    v1::GetBudgetRequest::descriptor()->file(),
 };
 
 }  // namespace

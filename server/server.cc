@@ -20,6 +20,8 @@
 #include "grpcpp/health_check_service_interface.h"
 #include "server/access_service.h"
 #include "server/auth.h"
+#include "server/budget_ledger.h"
+#include "server/budget_service.h"
 #include "server/call_gate.h"
 #include "server/catalog_cache.h"
 #include "server/catalog_service.h"
@@ -30,8 +32,12 @@
 #include "server/interceptors.h"
 #include "server/key_pool.h"
 #include "server/log.h"
+#include "server/maintenance.h"
 #include "server/provider_keys.h"
 #include "server/resource_methods.h"
+#include "server/usage_ledger.h"
+#include "server/usage_service.h"
+#include "server/usage_writer.h"
 #include "storage/migrate.h"
 #include "storage/resource_store.h"
 
@@ -277,6 +283,36 @@ absl::Status RunServer(const ServeConfig& config) {
   AccessService access(methods, auth, gate);
   Flusher flusher(pool, auth, config.key_flush);
 
+  // The usage ledger: partitions and retention before the port opens, then
+  // the stream hub, the group-commit writer and the upkeep thread.
+  BudgetLedger budget_ledger;
+  UsageLedgerOptions usage_options;
+  usage_options.key_time_zone = key_zone;
+  usage_options.retention = absl::Hours(24) * config.usage_retention_days;
+  UsageLedger usage_ledger(**datastore, cache, budget_ledger, *token_key, usage_options);
+  if (absl::StatusOr<std::int64_t> pruned = usage_ledger.Maintain(); !pruned.ok()) {
+    hub.Stop();
+    return pruned.status();
+  }
+  std::int64_t usage_head = 0;
+  if (absl::Status s = (*datastore)->Read([&](storage::Reader& reader) {
+        std::int64_t pruned = 0;
+        return UsageLedger::FeedBounds(reader, &usage_head, &pruned);
+      });
+      !s.ok()) {
+    hub.Stop();
+    return s;
+  }
+  ChangeHub usage_hub(**datastore, config.usage_poll, UsageFeedSource());
+  usage_hub.Start(usage_head);
+  UsageWriter usage_writer(usage_ledger, [&](std::vector<storage::ChangeRecord> alerts) {
+    usage_hub.Poke();
+    if (!alerts.empty()) hub.Poke();  // alerts reach the cache and WatchAlerts via the feed
+  });
+  UsageService usage(usage_ledger, usage_writer, usage_hub, gate, executor);
+  BudgetService budgets(methods, budget_ledger, hub, gate, **datastore);
+  Maintenance maintenance(usage_ledger, budget_ledger, **datastore);
+
   // Reflection describes the built-in health service from this descriptor.
   (void)grpc::health::v1::HealthCheckRequest::descriptor();
   grpc::EnableDefaultHealthCheckService(true);
@@ -288,6 +324,8 @@ absl::Status RunServer(const ServeConfig& config) {
   builder.RegisterService(&catalog);
   builder.RegisterService(&credentials_service);
   builder.RegisterService(&access);
+  builder.RegisterService(&usage);
+  builder.RegisterService(&budgets);
   std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
   interceptors.push_back(std::make_unique<BadRequestInterceptorFactory>());
   builder.experimental().SetInterceptorCreators(std::move(interceptors));
@@ -300,6 +338,7 @@ absl::Status RunServer(const ServeConfig& config) {
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr) {
     hub.Stop();
+    usage_hub.Stop();
     return absl::UnavailableError(absl::StrCat("cannot listen on ", config.listen));
   }
   if (unix_socket) {
@@ -334,6 +373,7 @@ absl::Status RunServer(const ServeConfig& config) {
   // off. gRPC would otherwise end not-yet-dispatched calls as CANCELLED.
   draining.store(true, std::memory_order_release);
   hub.Stop();  // ends streams with their cursors
+  usage_hub.Stop();
   const absl::Time drain_until =
       absl::Now() + std::min(absl::Seconds(2), config.shutdown_timeout / 2);
   for (std::int64_t seen = -1; absl::Now() < drain_until;) {
@@ -348,6 +388,8 @@ absl::Status RunServer(const ServeConfig& config) {
   while (active.load(std::memory_order_acquire) > 0 && absl::Now() < deadline) {
     absl::SleepFor(absl::Milliseconds(10));
   }
+  // Store what is queued: those calls are acknowledged as they commit.
+  usage_writer.Stop();
   server->Shutdown(std::chrono::system_clock::now());
   executor.Shutdown();
   Log(LogLevel::kInfo, "stopped");

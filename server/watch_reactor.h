@@ -4,6 +4,8 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <string>
 
 #include "grpcpp/grpcpp.h"
 #include "server/change_hub.h"
@@ -32,11 +34,18 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
     return reactor;
   }
 
-  bool OfferChange(const storage::ChangeRecord& change) override {
+  Offer OfferChange(const storage::ChangeRecord& change) override {
     Response response;
-    if (!convert_(change, response)) return !Gone();  // not for this stream
+    if (!convert_(change, response)) return Gone() ? Offer::kGone : Offer::kSkipped;
     response.set_cursor(EncodeCursor(change.seq));
-    return Enqueue(std::move(response), change.seq);
+    return Enqueue(std::move(response), change.seq) ? Offer::kQueued : Offer::kGone;
+  }
+
+  size_t Room() override {
+    std::lock_guard lock(mu_);
+    // A finished stream reports room, so the hub offers, learns and drops it.
+    if (done_ || finish_requested_) return 1;
+    return queue_.size() >= max_queue_ ? 0 : max_queue_ - queue_.size();
   }
 
   bool OfferCheckpoint(std::int64_t seq, absl::Time now) override {
@@ -150,5 +159,36 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   std::int64_t last_seq_ = 0;
   grpc::Status final_status_;
 };
+
+// Starts a watch stream: with the caller authorized (`authorized` OK), the
+// request's cursor decoded and its checkpoint interval (seconds; 0 is the
+// default of 10, else 1 to 300) checked, `reactor` is subscribed to `hub`;
+// otherwise it ends with the error, naming the field at fault. Returns the
+// reactor for the gRPC handler.
+template <typename Response>
+grpc::ServerWriteReactor<Response>* StartWatch(std::shared_ptr<WatchReactor<Response>> reactor,
+                                               absl::Status authorized, const std::string& cursor,
+                                               int checkpoint_interval_seconds, ChangeHub& hub) {
+  std::optional<std::int64_t> after;
+  absl::Status status = std::move(authorized);
+  if (status.ok() && !cursor.empty()) {
+    absl::StatusOr<std::int64_t> seq = DecodeCursor(cursor);
+    if (seq.ok()) {
+      after = *seq;
+    } else {
+      status = seq.status();
+    }
+  }
+  const int interval = checkpoint_interval_seconds == 0 ? 10 : checkpoint_interval_seconds;
+  if (status.ok() && (interval < 1 || interval > 300)) {
+    status = InvalidField("checkpoint_interval_seconds", "must be between 1 and 300");
+  }
+  if (!status.ok()) {
+    reactor->Close(status, after.value_or(0));
+    return reactor.get();
+  }
+  hub.Subscribe(reactor, after, absl::Seconds(interval));
+  return reactor.get();
+}
 
 }  // namespace modelvault::server

@@ -109,8 +109,14 @@ absl::StatusOr<std::int64_t> Record(ReadWriteTx& tx, const MutationContext& ctx,
                                     const char* change_type) {
   absl::StatusOr<std::string> json = ToJson(resource);
   if (!json.ok()) return json.status();
-  ChangeRecord change{0,           ctx.now,       schema.type(),  ResourceName(resource),
-                      change_type, ctx.principal, ctx.request_id, *std::move(json)};
+  ChangeRecord change;
+  change.time = ctx.now;
+  change.resource_type = schema.type();
+  change.resource_name = ResourceName(resource);
+  change.change_type = change_type;
+  change.principal = ctx.principal;
+  change.request_id = ctx.request_id;
+  change.resource_json = *std::move(json);
   if (absl::Status s = tx.AppendChange(change); !s.ok()) return s;
   return change.seq;
 }

@@ -9,6 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "google/api/resource.pb.h"
 #include "modelvault/v1/access.pb.h"
+#include "modelvault/v1/budgets.pb.h"
 #include "modelvault/v1/catalog_resources.pb.h"
 #include "modelvault/v1/credentials.pb.h"
 #include "modelvault/v1/options.pb.h"
@@ -208,7 +209,8 @@ const SchemaRegistry& SchemaRegistry::Default() {
     for (const Descriptor* d :
          {modelvault::v1::Provider::descriptor(), modelvault::v1::ModelFamily::descriptor(),
           modelvault::v1::Model::descriptor(), modelvault::v1::ProviderKey::descriptor(),
-          modelvault::v1::AccessKey::descriptor()}) {
+          modelvault::v1::AccessKey::descriptor(), modelvault::v1::Budget::descriptor(),
+          modelvault::v1::BudgetAlert::descriptor()}) {
       absl::StatusOr<std::unique_ptr<ResourceSchema>> schema = ResourceSchema::Build(d);
       if (!schema.ok()) std::abort();  // a broken proto annotation is a build defect
       r->schemas_.push_back(*std::move(schema));

@@ -65,6 +65,8 @@ struct ChangeRecord {
   std::string principal;
   std::string request_id;
   std::string resource_json;  // the resource after the change (before, for deletes)
+  // The decoded event, for feeds whose events are messages (usage records).
+  std::shared_ptr<const google::protobuf::Message> message;
 };
 
 // The stored outcome of a mutation carrying a request_id (AIP-155).

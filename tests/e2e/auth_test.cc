@@ -279,7 +279,8 @@ bool ShouldGrant(v1::Scope held, v1::Scope required) {
   if (required == v1::SCOPE_UNSPECIFIED) return false;
   return held == required || held == v1::SCOPE_ADMIN ||
          (held == v1::SCOPE_CATALOG_WRITE && required == v1::SCOPE_CATALOG_READ) ||
-         (held == v1::SCOPE_CREDENTIALS_WRITE && required == v1::SCOPE_CREDENTIALS_READ);
+         (held == v1::SCOPE_CREDENTIALS_WRITE && required == v1::SCOPE_CREDENTIALS_READ) ||
+         (held == v1::SCOPE_BUDGETS_WRITE && required == v1::SCOPE_BUDGETS_READ);
 }
 
 // Every scope of the Scope enum but UNSPECIFIED, from its descriptor.

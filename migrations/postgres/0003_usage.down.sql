@@ -1,0 +1,11 @@
+DROP TABLE budget_alerts;
+DROP TABLE reservation_holds;
+DROP TABLE reservations;
+DROP TABLE budget_spend;
+DROP TABLE budgets;
+DROP TABLE provider_key_recorded;
+DROP TABLE usage_latency;
+DROP TABLE usage_rollups;
+DROP TABLE usage_request_ids;
+DROP TABLE usage_records;
+DROP TABLE usage_feed;

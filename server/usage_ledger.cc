@@ -1,0 +1,600 @@
+#include "server/usage_ledger.h"
+
+#include <sodium.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <tuple>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/escaping.h"
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "modelvault/v1/catalog_resources.pb.h"
+#include "server/catalog_service.h"
+#include "server/cursor.h"
+#include "server/proto_time.h"
+#include "server/usage_sql.h"
+#include "server/validation.h"
+#include "storage/schema.h"
+
+namespace modelvault::server {
+namespace {
+
+using storage::SqlCell;
+using storage::SqlRow;
+
+constexpr std::int64_t kMaxTokens = 1'000'000'000'000;  // per class and call
+constexpr absl::Duration kMaxLatency = absl::Hours(24);
+constexpr absl::Duration kMaxFuture = absl::Hours(1);
+constexpr double kSlotRatio = 1.1;
+// GCC's 128-bit integer; __extension__ keeps -Wpedantic quiet about it.
+__extension__ using Int128 = __int128;
+
+bool ValidText(absl::string_view text, size_t max) {
+  return text.size() <= max && IsValidUtf8(text);
+}
+
+// "providers/{id}" → id, or "" when malformed.
+absl::string_view IdAfter(absl::string_view name, absl::string_view prefix) {
+  if (!absl::StartsWith(name, prefix)) return "";
+  absl::string_view id = name.substr(prefix.size());
+  return storage::IsValidResourceId(id) ? id : "";
+}
+
+void CheckDuration(const google::protobuf::Duration& d, const std::string& field,
+                   std::vector<FieldViolation>& out) {
+  if (d.seconds() < 0 || d.nanos() < 0 || d.nanos() > 999'999'999) {
+    out.push_back({field, "must not be negative"});
+  } else if (FromProto(d) > kMaxLatency) {
+    out.push_back({field, "must be at most 24 hours"});
+  }
+}
+
+std::string ContentHash(const v1::UsageRecord& record) {
+  std::string bytes;
+  google::protobuf::io::StringOutputStream stream(&bytes);
+  {
+    google::protobuf::io::CodedOutputStream coded(&stream);
+    coded.SetSerializationDeterministic(true);
+    record.SerializeToCodedStream(&coded);
+  }
+  unsigned char digest[16];
+  crypto_generichash(digest, sizeof digest, reinterpret_cast<const unsigned char*>(bytes.data()),
+                     bytes.size(), nullptr, 0);
+  return absl::BytesToHexString(
+      absl::string_view(reinterpret_cast<const char*>(digest), sizeof digest));
+}
+
+// Adds `count` items of `row_width` cells each to a multi-row statement in
+// chunks small enough for every engine's parameter limit.
+absl::Status InsertRows(storage::ReadWriteTx& tx, absl::string_view head,
+                        const std::vector<SqlRow>& rows, absl::string_view tail) {
+  if (rows.empty()) return absl::OkStatus();
+  const size_t width = rows.front().size();
+  const size_t per_statement = std::max<size_t>(1, 900 / width);
+  for (size_t begin = 0; begin < rows.size(); begin += per_statement) {
+    const size_t end = std::min(rows.size(), begin + per_statement);
+    std::vector<SqlCell> params;
+    params.reserve((end - begin) * width);
+    std::string sql(head);
+    absl::StrAppend(&sql, " VALUES ");
+    for (size_t r = begin; r < end; ++r) {
+      absl::StrAppend(&sql, r == begin ? "(" : ", (");
+      for (size_t c = 0; c < width; ++c) {
+        absl::StrAppend(&sql, c == 0 ? ":p" : ", :p", params.size());
+        params.push_back(rows[r][c]);
+      }
+      absl::StrAppend(&sql, ")");
+    }
+    absl::StrAppend(&sql, tail);
+    absl::StatusOr<std::int64_t> n = tx.Exec(sql, params);
+    if (!n.ok()) return n.status();
+  }
+  return absl::OkStatus();
+}
+
+// Hour (UTC) containing t, in micros.
+std::int64_t HourOf(absl::Time t) {
+  const std::int64_t micros = absl::ToUnixMicros(t);
+  constexpr std::int64_t kHour = 3'600'000'000;
+  return micros - (((micros % kHour) + kHour) % kHour);
+}
+
+// Rollup totals of one (hour, dimensions) key.
+struct Totals {
+  std::int64_t requests = 0, errors = 0, cancelled = 0;
+  std::int64_t input = 0, output = 0, cache_read = 0, cache_write = 0, reasoning = 0;
+  std::int64_t cost = 0, unpriced = 0, latency_sum = 0, ttft_sum = 0, ttft_count = 0;
+};
+using RollupKey =
+    std::tuple<std::int64_t, std::string, std::string, std::string, std::string, std::string>;
+
+}  // namespace
+
+int LatencySlot(std::int64_t micros) {
+  if (micros <= 1) return 0;
+  return static_cast<int>(std::floor(std::log(static_cast<double>(micros)) / std::log(kSlotRatio)));
+}
+
+std::int64_t SlotMicros(int slot) {
+  // Geometric middle of [r^slot, r^(slot+1)): at most ~5% from any value in it.
+  return std::llround(std::pow(kSlotRatio, slot + 0.5));
+}
+
+absl::StatusOr<std::int64_t> CostNanos(const v1::TokenCounts& tokens, const v1::ModelPrice& price) {
+  const Int128 sum = static_cast<Int128>(tokens.input()) * price.input() +
+                     static_cast<Int128>(tokens.output()) * price.output() +
+                     static_cast<Int128>(tokens.cache_read()) * price.cache_read() +
+                     static_cast<Int128>(tokens.cache_write()) * price.cache_write() +
+                     static_cast<Int128>(tokens.reasoning()) * price.reasoning();
+  // Prices are per million tokens: divide once, rounding half up.
+  const Int128 cost = (sum + 500'000) / 1'000'000;
+  if (cost > std::numeric_limits<std::int64_t>::max()) {
+    return absl::OutOfRangeError("the cost exceeds the largest amount a record can hold");
+  }
+  return static_cast<std::int64_t>(cost);
+}
+
+UsageLedger::UsageLedger(storage::Datastore& datastore, CatalogCache& catalog,
+                         BudgetLedger& budgets, std::string page_token_key,
+                         UsageLedgerOptions options)
+    : datastore_(datastore),
+      catalog_(catalog),
+      budgets_(budgets),
+      page_token_key_(std::move(page_token_key)),
+      options_(std::move(options)),
+      postgres_(datastore.engine() == "postgresql") {}
+
+bool UsageLedger::Prepare(const v1::UsageRecord& in, absl::string_view principal,
+                          absl::string_view prefix, PreparedRecord& out,
+                          std::vector<FieldViolation>& violations) const {
+  const size_t before = violations.size();
+  auto bad = [&](absl::string_view field, std::string description) {
+    violations.push_back({absl::StrCat(prefix, field), std::move(description)});
+  };
+  v1::UsageRecord& r = out.record;
+  r = in;
+  ClearOutputOnly(r);
+  r.clear_cursor();
+
+  if (r.request_id().empty()) {
+    bad("request_id", "is required");
+  } else if (r.request_id().size() > 128 ||
+             !std::all_of(r.request_id().begin(), r.request_id().end(),
+                          [](char c) { return c > 0x20 && c < 0x7f; })) {
+    bad("request_id", "must be at most 128 printable ASCII characters");
+  }
+  if (!r.has_time()) {
+    bad("time", "is required");
+  } else if (r.time().seconds() < 0 || r.time().nanos() < 0 || r.time().nanos() > 999'999'999 ||
+             r.time().seconds() > 253402300799) {
+    bad("time", "must be a valid timestamp after 1970");
+  } else if (FromProto(r.time()) > options_.clock() + kMaxFuture) {
+    bad("time", "is more than 1 hour in the future");
+  }
+  const absl::string_view provider_id = IdAfter(r.provider(), "providers/");
+  if (r.provider().empty()) {
+    bad("provider", "is required");
+  } else if (provider_id.empty()) {
+    bad("provider", "must be providers/{provider}");
+  }
+  if (r.model().empty()) {
+    bad("model", "is required");
+  } else if (IdAfter(r.model(), absl::StrCat(r.provider(), "/models/")).empty()) {
+    bad("model",
+        absl::StrCat("must be ", r.provider().empty() ? "providers/{provider}" : r.provider(),
+                     "/models/{model}, a model of the record's provider"));
+  }
+  if (!r.provider_key().empty() &&
+      IdAfter(r.provider_key(), absl::StrCat(r.provider(), "/keys/")).empty()) {
+    bad("provider_key", "must be a key of the record's provider: providers/{provider}/keys/{key}");
+  }
+  if (r.access_key().empty()) {
+    r.set_access_key(std::string(principal));
+  } else if (!absl::StartsWith(r.access_key(), "accessKeys/") || r.access_key().size() > 64 ||
+             r.access_key().size() == 11) {
+    bad("access_key", "must be accessKeys/{id}");
+  }
+  if (!ValidText(r.user(), 128)) bad("user", "must be at most 128 characters of UTF-8");
+  if (!ValidText(r.conversation(), 128)) {
+    bad("conversation", "must be at most 128 characters of UTF-8");
+  }
+  if (!ValidText(r.message(), 128)) bad("message", "must be at most 128 characters of UTF-8");
+  const std::pair<const char*, std::int64_t> tokens[] = {
+      {"tokens.input", r.tokens().input()},
+      {"tokens.output", r.tokens().output()},
+      {"tokens.cache_read", r.tokens().cache_read()},
+      {"tokens.cache_write", r.tokens().cache_write()},
+      {"tokens.reasoning", r.tokens().reasoning()}};
+  for (const auto& [field, value] : tokens) {
+    if (value < 0 || value > kMaxTokens) bad(field, "must be between 0 and 1000000000000");
+  }
+  std::vector<FieldViolation> durations;
+  CheckDuration(r.latency(), absl::StrCat(prefix, "latency"), durations);
+  CheckDuration(r.time_to_first_token(), absl::StrCat(prefix, "time_to_first_token"), durations);
+  if (durations.empty() && r.has_latency() && r.has_time_to_first_token() &&
+      FromProto(r.time_to_first_token()) > FromProto(r.latency())) {
+    bad("time_to_first_token", "must not exceed latency");
+  }
+  violations.insert(violations.end(), durations.begin(), durations.end());
+  if (!v1::UsageStatus_IsValid(r.status())) {
+    bad("status", "is not a known UsageStatus");
+  } else if (r.status() == v1::USAGE_STATUS_UNSPECIFIED) {
+    r.set_status(v1::USAGE_STATUS_SUCCEEDED);
+  }
+  if (!ValidText(r.error_class(), 64)) {
+    bad("error_class", "must be at most 64 characters of UTF-8");
+  }
+  if (r.has_reported_cost_nanos() && r.reported_cost_nanos() < 0) {
+    bad("reported_cost_nanos", "must not be negative");
+  }
+  if (!r.reservation().empty() && IdAfter(r.reservation(), "reservations/").empty()) {
+    bad("reservation", "must be reservations/{reservation}");
+  }
+  if (violations.size() != before) return false;
+
+  out.content_hash = ContentHash(r);
+  // Cost at the price in force at the call's time; unpriced when the
+  // catalog has no such model or price (the record is still kept).
+  std::shared_ptr<const google::protobuf::Message> cached = catalog_.Get(r.model());
+  const auto* model = dynamic_cast<const v1::Model*>(cached.get());
+  if (model != nullptr) {
+    absl::StatusOr<v1::ModelPrice> price = PriceAt(*model, FromProto(r.time()));
+    if (price.ok()) {
+      absl::StatusOr<std::int64_t> cost = CostNanos(r.tokens(), *price);
+      if (!cost.ok()) {
+        bad("tokens", std::string(cost.status().message()));
+        return false;
+      }
+      r.set_cost_nanos(*cost);
+      r.set_priced(true);
+      *r.mutable_price_effective_time() = price->effective_time();
+    }
+  }
+  return true;
+}
+
+absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
+    const std::vector<PreparedRecord>& records, std::vector<storage::ChangeRecord>* alerts) {
+  const absl::Time now = options_.clock();
+  if (postgres_) {
+    if (absl::Status s = EnsurePartitions(now, now + absl::Hours(24)); !s.ok()) return s;
+  }
+  std::vector<RecordOutcome> outcomes;
+  std::vector<storage::ChangeRecord> raised;
+  absl::Status status = datastore_.ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
+    outcomes.assign(records.size(), RecordOutcome{});
+    raised.clear();
+    // 1. Idempotency: earlier records with these request_ids, and repeats
+    // inside the batch (the first occurrence wins).
+    absl::flat_hash_map<std::string, std::pair<std::int64_t, std::string>> known;  // seq, hash
+    for (size_t begin = 0; begin < records.size(); begin += 500) {
+      const size_t end = std::min(records.size(), begin + 500);
+      std::vector<SqlCell> params;
+      std::vector<std::string> marks;
+      for (size_t i = begin; i < end; ++i) {
+        marks.push_back(absl::StrCat(":p", params.size()));
+        params.emplace_back(records[i].record.request_id());
+      }
+      absl::StatusOr<std::vector<SqlRow>> rows = tx.Query(
+          absl::StrCat("SELECT request_id, seq, content_hash FROM usage_request_ids "
+                       "WHERE request_id IN (",
+                       absl::StrJoin(marks, ", "), ")"),
+          params, {storage::SqlType::kText, storage::SqlType::kInt64, storage::SqlType::kText});
+      if (!rows.ok()) return rows.status();
+      for (const SqlRow& row : *rows) {
+        known[storage::CellText(row[0])] = {storage::CellInt(row[1]), storage::CellText(row[2])};
+      }
+    }
+    std::vector<size_t> fresh;
+    absl::flat_hash_map<std::string, size_t> in_batch;
+    for (size_t i = 0; i < records.size(); ++i) {
+      const std::string& id = records[i].record.request_id();
+      const std::string& hash = records[i].content_hash;
+      if (auto it = known.find(id); it != known.end()) {
+        outcomes[i].kind = it->second.second == hash ? RecordOutcome::Kind::kDuplicate
+                                                     : RecordOutcome::Kind::kReused;
+        outcomes[i].seq = it->second.first;
+        continue;
+      }
+      if (auto it = in_batch.find(id); it != in_batch.end()) {
+        outcomes[i].kind = records[it->second].content_hash == hash
+                               ? RecordOutcome::Kind::kDuplicate
+                               : RecordOutcome::Kind::kReused;
+        outcomes[i].seq = -static_cast<std::int64_t>(it->second) - 1;  // fixed up below
+        continue;
+      }
+      in_batch[id] = i;
+      fresh.push_back(i);
+    }
+    if (fresh.empty()) return absl::OkStatus();
+
+    // 2. Sequence numbers. The usage_feed row stays locked until commit, so
+    // batches commit in seq order on every engine and replica.
+    absl::StatusOr<std::int64_t> bumped =
+        tx.Exec("UPDATE usage_feed SET last_seq = last_seq + :p0 WHERE id = 1",
+                {SqlCell(static_cast<std::int64_t>(fresh.size()))});
+    if (!bumped.ok()) return bumped.status();
+    absl::StatusOr<std::vector<SqlRow>> head =
+        tx.Query("SELECT last_seq FROM usage_feed WHERE id = 1", {}, {storage::SqlType::kInt64});
+    if (!head.ok()) return head.status();
+    if (head->empty()) return absl::InternalError("the usage feed row is missing");
+    std::int64_t seq = storage::CellInt(head->front()[0]) - static_cast<std::int64_t>(fresh.size());
+    const std::int64_t record_micros = absl::ToUnixMicros(now);
+
+    // 3. The records and their request_ids; rollups and counters gathered.
+    std::vector<SqlRow> record_rows;
+    std::vector<SqlRow> id_rows;
+    std::map<RollupKey, Totals> rollups;
+    std::map<std::pair<RollupKey, int>, std::int64_t> latency;
+    std::map<std::pair<std::string, std::string>, Totals> key_days;
+    std::map<std::string, std::int64_t> access_last_used;
+    std::vector<Charge> charges;
+    for (size_t i : fresh) {
+      const v1::UsageRecord& r = records[i].record;
+      outcomes[i].seq = ++seq;
+      const std::int64_t call_micros = absl::ToUnixMicros(FromProto(r.time()));
+      const std::int64_t latency_us = absl::ToInt64Microseconds(FromProto(r.latency()));
+      record_rows.push_back(RecordRow(r, seq, record_micros));
+      id_rows.push_back({SqlCell(r.request_id()), SqlCell(seq), SqlCell(record_micros),
+                         SqlCell(records[i].content_hash)});
+      RollupKey key{HourOf(FromProto(r.time())),
+                    r.provider(),
+                    r.model(),
+                    r.provider_key(),
+                    r.access_key(),
+                    r.user()};
+      Totals& t = rollups[key];
+      t.requests += 1;
+      t.errors += r.status() == v1::USAGE_STATUS_FAILED ? 1 : 0;
+      t.cancelled += r.status() == v1::USAGE_STATUS_CANCELLED ? 1 : 0;
+      t.input += r.tokens().input();
+      t.output += r.tokens().output();
+      t.cache_read += r.tokens().cache_read();
+      t.cache_write += r.tokens().cache_write();
+      t.reasoning += r.tokens().reasoning();
+      t.cost += r.cost_nanos();
+      t.unpriced += r.priced() ? 0 : 1;
+      t.latency_sum += latency_us;
+      if (r.has_time_to_first_token()) {
+        t.ttft_sum += absl::ToInt64Microseconds(FromProto(r.time_to_first_token()));
+        t.ttft_count += 1;
+      }
+      latency[{key, LatencySlot(latency_us)}] += 1;
+      if (!r.provider_key().empty()) {
+        Totals& k = key_days[{r.provider_key(), absl::FormatTime("%Y-%m-%d", FromProto(r.time()),
+                                                                 options_.key_time_zone)}];
+        k.requests += 1;
+        k.input += r.tokens().input() + r.tokens().output() + r.tokens().cache_read() +
+                   r.tokens().cache_write() + r.tokens().reasoning();
+        k.cost += r.cost_nanos();
+      }
+      std::int64_t& last = access_last_used[r.access_key()];
+      last = std::max(last, call_micros);
+      charges.push_back(Charge{FromProto(r.time()), r.user(), r.access_key(), r.provider(),
+                               r.model(), r.reservation(), r.cost_nanos()});
+    }
+    if (absl::Status s = InsertRows(
+            tx, "INSERT INTO usage_request_ids (request_id, seq, record_time, content_hash)",
+            id_rows, "");
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = InsertRows(tx, kInsertRecords, record_rows, ""); !s.ok()) return s;
+
+    // 4. Rollups (sorted keys: concurrent writers lock rows in one order).
+    std::vector<SqlRow> rollup_rows;
+    rollup_rows.reserve(rollups.size());
+    for (const auto& [k, t] : rollups) {
+      rollup_rows.push_back({SqlCell(std::get<0>(k)), SqlCell(std::get<1>(k)),
+                             SqlCell(std::get<2>(k)), SqlCell(std::get<3>(k)),
+                             SqlCell(std::get<4>(k)), SqlCell(std::get<5>(k)), SqlCell(t.requests),
+                             SqlCell(t.errors), SqlCell(t.cancelled), SqlCell(t.input),
+                             SqlCell(t.output), SqlCell(t.cache_read), SqlCell(t.cache_write),
+                             SqlCell(t.reasoning), SqlCell(t.cost), SqlCell(t.unpriced),
+                             SqlCell(t.latency_sum), SqlCell(t.ttft_sum), SqlCell(t.ttft_count)});
+    }
+    if (absl::Status s = InsertRows(tx, kInsertRollups, rollup_rows, kRollupConflict); !s.ok()) {
+      return s;
+    }
+    std::vector<SqlRow> latency_rows;
+    for (const auto& [k, count] : latency) {
+      const RollupKey& r = k.first;
+      latency_rows.push_back({SqlCell(std::get<0>(r)), SqlCell(std::get<1>(r)),
+                              SqlCell(std::get<2>(r)), SqlCell(std::get<3>(r)),
+                              SqlCell(std::get<4>(r)), SqlCell(std::get<5>(r)),
+                              SqlCell(std::int64_t{k.second}), SqlCell(count)});
+    }
+    if (absl::Status s = InsertRows(tx, kInsertLatency, latency_rows, kLatencyConflict); !s.ok()) {
+      return s;
+    }
+    // 5. Provider-key counters and access keys' last use.
+    std::vector<SqlRow> key_rows;
+    key_rows.reserve(key_days.size());
+    for (const auto& [k, t] : key_days) {
+      key_rows.push_back({SqlCell(k.first), SqlCell(k.second), SqlCell(t.requests),
+                          SqlCell(t.input), SqlCell(t.cost)});
+    }
+    if (absl::Status s = InsertRows(tx, kInsertKeyRecorded, key_rows, kKeyRecordedConflict);
+        !s.ok()) {
+      return s;
+    }
+    for (const auto& [name, micros] : access_last_used) {
+      absl::StatusOr<std::int64_t> n = tx.Exec(
+          "UPDATE access_keys SET last_used_time = :p0 WHERE name = :p1 AND "
+          "(last_used_time IS NULL OR last_used_time < :p0)",
+          {SqlCell(micros), SqlCell(name)});
+      if (!n.ok()) return n.status();
+    }
+    // 6. Budgets: spend, settlement of reservations, alerts.
+    return budgets_.Apply(tx, charges, &raised);
+  });
+  if (!status.ok()) {
+    // Two writers raced on a request_id: the retry sees the committed one.
+    if (absl::IsAlreadyExists(status)) return Write(records, alerts);
+    return status;
+  }
+  // Repeats inside the batch point at their first occurrence's seq.
+  for (RecordOutcome& o : outcomes) {
+    if (o.seq < 0) o.seq = outcomes[static_cast<size_t>(-o.seq - 1)].seq;
+  }
+  if (alerts != nullptr) {
+    for (auto& change : raised) alerts->push_back(std::move(change));
+  }
+  return outcomes;
+}
+
+absl::Status UsageLedger::EnsurePartitions(absl::Time from, absl::Time to) {
+  constexpr std::int64_t kDay = 86'400'000'000;
+  const std::int64_t first = absl::ToUnixMicros(from) / kDay;
+  const std::int64_t last = absl::ToUnixMicros(to) / kDay;
+  for (std::int64_t day = first; day <= last; ++day) {
+    {
+      std::lock_guard lock(partitions_mu_);
+      if (partitions_.contains(day)) continue;
+    }
+    const std::string table = absl::StrCat(
+        "usage_records_",
+        absl::FormatTime("%Y%m%d", absl::FromUnixMicros(day * kDay), absl::UTCTimeZone()));
+    const std::string sql = absl::StrCat("CREATE TABLE IF NOT EXISTS ", table,
+                                         " PARTITION OF usage_records FOR VALUES FROM (",
+                                         day * kDay, ") TO (", (day + 1) * kDay, ")");
+    absl::Status status;
+    for (int attempt = 0; attempt < 3; ++attempt) {
+      // Replicas may create the same partition at once; the loser retries.
+      status = datastore_.ReadWriteTx(
+          [&](storage::ReadWriteTx& tx) -> absl::Status { return tx.Exec(sql, {}).status(); });
+      if (status.ok()) break;
+    }
+    if (!status.ok()) return status;
+    std::lock_guard lock(partitions_mu_);
+    partitions_.insert(day);
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::int64_t> UsageLedger::Maintain() {
+  const absl::Time now = options_.clock();
+  if (postgres_) {
+    if (absl::Status s = EnsurePartitions(now, now + absl::Hours(72)); !s.ok()) return s;
+  }
+  const std::int64_t cutoff = absl::ToUnixMicros(now - options_.retention);
+  std::int64_t removed = 0;
+  absl::Status status = datastore_.ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
+    removed = 0;
+    std::int64_t pruned_seq = 0;
+    if (postgres_) {
+      // Whole partitions whose upper bound is at or before the cutoff.
+      absl::StatusOr<std::vector<SqlRow>> parts = tx.Query(
+          "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+          "JOIN pg_class c ON c.oid = i.inhrelid JOIN pg_class p ON p.oid = i.inhparent "
+          "WHERE p.relname = 'usage_records'",
+          {}, {storage::SqlType::kText, storage::SqlType::kText});
+      if (!parts.ok()) return parts.status();
+      for (const SqlRow& part : *parts) {
+        const std::string name = storage::CellText(part[0]);
+        const std::string bound = storage::CellText(part[1]);
+        // "FOR VALUES FROM ('a') TO ('b')"
+        const size_t to = bound.rfind("TO ('");
+        if (to == std::string::npos) continue;
+        std::int64_t upper = 0;
+        if (!absl::SimpleAtoi(bound.substr(to + 5, bound.find("')", to) - to - 5), &upper)) {
+          continue;
+        }
+        if (upper > cutoff) continue;
+        absl::StatusOr<std::vector<SqlRow>> stats =
+            tx.Query(absl::StrCat("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM ", name), {},
+                     {storage::SqlType::kInt64, storage::SqlType::kInt64});
+        if (!stats.ok()) return stats.status();
+        removed += storage::CellInt(stats->front()[0]);
+        pruned_seq = std::max(pruned_seq, storage::CellInt(stats->front()[1]));
+        if (absl::Status s = tx.Exec(absl::StrCat("DROP TABLE ", name), {}).status(); !s.ok()) {
+          return s;
+        }
+        std::lock_guard lock(partitions_mu_);
+        partitions_.erase(upper / 86'400'000'000 - 1);
+      }
+    } else {
+      absl::StatusOr<std::vector<SqlRow>> stats = tx.Query(
+          "SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM usage_records "
+          "WHERE record_time < :p0",
+          {SqlCell(cutoff)}, {storage::SqlType::kInt64, storage::SqlType::kInt64});
+      if (!stats.ok()) return stats.status();
+      removed = storage::CellInt(stats->front()[0]);
+      pruned_seq = storage::CellInt(stats->front()[1]);
+      if (removed > 0) {
+        absl::Status s =
+            tx.Exec("DELETE FROM usage_records WHERE record_time < :p0", {SqlCell(cutoff)})
+                .status();
+        if (!s.ok()) return s;
+      }
+    }
+    if (absl::Status s =
+            tx.Exec("DELETE FROM usage_request_ids WHERE record_time < :p0", {SqlCell(cutoff)})
+                .status();
+        !s.ok()) {
+      return s;
+    }
+    if (pruned_seq > 0) {
+      return tx
+          .Exec(
+              "UPDATE usage_feed SET pruned_through_seq = :p0 WHERE id = 1 AND "
+              "pruned_through_seq < :p0",
+              {SqlCell(pruned_seq)})
+          .status();
+    }
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  return removed;
+}
+
+absl::Status UsageLedger::FeedBounds(storage::Reader& reader, std::int64_t* last_seq,
+                                     std::int64_t* pruned_through) {
+  absl::StatusOr<std::vector<SqlRow>> rows =
+      reader.Query("SELECT last_seq, pruned_through_seq FROM usage_feed WHERE id = 1", {},
+                   {storage::SqlType::kInt64, storage::SqlType::kInt64});
+  if (!rows.ok()) return rows.status();
+  if (rows->empty()) return absl::InternalError("the usage feed row is missing");
+  *last_seq = storage::CellInt(rows->front()[0]);
+  *pruned_through = storage::CellInt(rows->front()[1]);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::vector<v1::UsageRecord>> UsageLedger::ReadAfter(storage::Reader& reader,
+                                                                    std::int64_t after, int limit,
+                                                                    std::int64_t* last_seq) {
+  std::int64_t head = 0;
+  std::int64_t pruned = 0;
+  if (absl::Status s = FeedBounds(reader, &head, &pruned); !s.ok()) return s;
+  if (last_seq != nullptr) *last_seq = head;
+  std::vector<v1::UsageRecord> out;
+  if (head <= after) return out;
+  absl::StatusOr<std::vector<SqlRow>> rows = reader.Query(
+      absl::StrCat(kSelectRecords, " WHERE seq > :p0 AND seq <= :p1 ORDER BY seq LIMIT :p2"),
+      {SqlCell(after), SqlCell(head), SqlCell(std::int64_t{limit})}, RecordColumns());
+  if (!rows.ok()) return rows.status();
+  out.reserve(rows->size());
+  for (const SqlRow& row : *rows) out.push_back(DecodeRecord(row));
+  return out;
+}
+
+absl::StatusOr<v1::UsageRecord> UsageLedger::GetBySeq(std::int64_t seq) {
+  v1::UsageRecord out;
+  absl::Status status = datastore_.Read([&](storage::Reader& reader) -> absl::Status {
+    absl::StatusOr<std::vector<SqlRow>> rows = reader.Query(
+        absl::StrCat(kSelectRecords, " WHERE seq = :p0"), {SqlCell(seq)}, RecordColumns());
+    if (!rows.ok()) return rows.status();
+    if (rows->empty()) return absl::NotFoundError("the usage record is no longer retained");
+    out = DecodeRecord(rows->front());
+    return absl::OkStatus();
+  });
+  if (!status.ok()) return status;
+  return out;
+}
+
+}  // namespace modelvault::server

@@ -1,0 +1,94 @@
+#include "server/usage_sql.h"
+
+#include "absl/time/time.h"
+#include "server/cursor.h"
+#include "server/proto_time.h"
+
+namespace modelvault::server {
+
+using storage::CellInt;
+using storage::CellText;
+using storage::SqlCell;
+using storage::SqlType;
+
+const std::vector<SqlType>& RecordColumns() {
+  static const std::vector<SqlType> columns = {
+      SqlType::kInt64, SqlType::kInt64, SqlType::kInt64, SqlType::kText,  SqlType::kText,
+      SqlType::kText,  SqlType::kText,  SqlType::kText,  SqlType::kText,  SqlType::kText,
+      SqlType::kText,  SqlType::kInt64, SqlType::kInt64, SqlType::kInt64, SqlType::kInt64,
+      SqlType::kInt64, SqlType::kInt64, SqlType::kInt64, SqlType::kText,  SqlType::kText,
+      SqlType::kInt64, SqlType::kInt64, SqlType::kInt64, SqlType::kInt64, SqlType::kText};
+  return columns;
+}
+
+storage::SqlRow RecordRow(const v1::UsageRecord& r, std::int64_t seq, std::int64_t record_micros) {
+  auto micros = [](const google::protobuf::Duration& d) {
+    return absl::ToInt64Microseconds(FromProto(d));
+  };
+  return {SqlCell(seq),
+          SqlCell(record_micros),
+          SqlCell(absl::ToUnixMicros(FromProto(r.time()))),
+          SqlCell(r.request_id()),
+          SqlCell(r.provider()),
+          SqlCell(r.model()),
+          SqlCell(r.provider_key()),
+          SqlCell(r.access_key()),
+          SqlCell(r.user()),
+          SqlCell(r.conversation()),
+          SqlCell(r.message()),
+          SqlCell(r.tokens().input()),
+          SqlCell(r.tokens().output()),
+          SqlCell(r.tokens().cache_read()),
+          SqlCell(r.tokens().cache_write()),
+          SqlCell(r.tokens().reasoning()),
+          SqlCell(micros(r.latency())),
+          r.has_time_to_first_token() ? SqlCell(micros(r.time_to_first_token())) : SqlCell(),
+          SqlCell(v1::UsageStatus_Name(r.status())),
+          SqlCell(r.error_class()),
+          SqlCell(r.cost_nanos()),
+          SqlCell(std::int64_t{r.priced() ? 1 : 0}),
+          r.has_price_effective_time()
+              ? SqlCell(absl::ToUnixMicros(FromProto(r.price_effective_time())))
+              : SqlCell(),
+          r.has_reported_cost_nanos() ? SqlCell(r.reported_cost_nanos()) : SqlCell(),
+          SqlCell(r.reservation())};
+}
+
+v1::UsageRecord DecodeRecord(const storage::SqlRow& row) {
+  v1::UsageRecord r;
+  const std::int64_t seq = CellInt(row[0]);
+  *r.mutable_record_time() = ToProto(absl::FromUnixMicros(CellInt(row[1])));
+  *r.mutable_time() = ToProto(absl::FromUnixMicros(CellInt(row[2])));
+  r.set_request_id(CellText(row[3]));
+  r.set_provider(CellText(row[4]));
+  r.set_model(CellText(row[5]));
+  r.set_provider_key(CellText(row[6]));
+  r.set_access_key(CellText(row[7]));
+  r.set_user(CellText(row[8]));
+  r.set_conversation(CellText(row[9]));
+  r.set_message(CellText(row[10]));
+  r.mutable_tokens()->set_input(CellInt(row[11]));
+  r.mutable_tokens()->set_output(CellInt(row[12]));
+  r.mutable_tokens()->set_cache_read(CellInt(row[13]));
+  r.mutable_tokens()->set_cache_write(CellInt(row[14]));
+  r.mutable_tokens()->set_reasoning(CellInt(row[15]));
+  *r.mutable_latency() = ToProto(absl::Microseconds(CellInt(row[16])));
+  if (row[17].has_value()) {
+    *r.mutable_time_to_first_token() = ToProto(absl::Microseconds(CellInt(row[17])));
+  }
+  v1::UsageStatus status = v1::USAGE_STATUS_UNSPECIFIED;
+  v1::UsageStatus_Parse(CellText(row[18]), &status);
+  r.set_status(status);
+  r.set_error_class(CellText(row[19]));
+  r.set_cost_nanos(CellInt(row[20]));
+  r.set_priced(CellInt(row[21]) != 0);
+  if (row[22].has_value()) {
+    *r.mutable_price_effective_time() = ToProto(absl::FromUnixMicros(CellInt(row[22])));
+  }
+  if (row[23].has_value()) r.set_reported_cost_nanos(CellInt(row[23]));
+  r.set_reservation(CellText(row[24]));
+  r.set_cursor(EncodeCursor(seq));
+  return r;
+}
+
+}  // namespace modelvault::server

@@ -1,0 +1,78 @@
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "modelvault/v1/usage.pb.h"
+#include "storage/storage.h"
+
+// The SQL of the usage tables, shared by the ledger's writes and reads.
+namespace modelvault::server {
+
+inline constexpr char kRecordColumns[] =
+    "seq, record_time, call_time, request_id, provider, model, provider_key, access_key, "
+    "user_id, conversation, message, input_tokens, output_tokens, cache_read_tokens, "
+    "cache_write_tokens, reasoning_tokens, latency_us, ttft_us, status, error_class, cost_nanos, "
+    "priced, price_effective_time, reported_cost_nanos, reservation";
+
+inline constexpr char kInsertRecords[] =
+    "INSERT INTO usage_records (seq, record_time, call_time, request_id, provider, model, "
+    "provider_key, access_key, user_id, conversation, message, input_tokens, output_tokens, "
+    "cache_read_tokens, cache_write_tokens, reasoning_tokens, latency_us, ttft_us, status, "
+    "error_class, cost_nanos, priced, price_effective_time, reported_cost_nanos, reservation)";
+
+inline constexpr char kSelectRecords[] =
+    "SELECT seq, record_time, call_time, request_id, provider, model, provider_key, access_key, "
+    "user_id, conversation, message, input_tokens, output_tokens, cache_read_tokens, "
+    "cache_write_tokens, reasoning_tokens, latency_us, ttft_us, status, error_class, cost_nanos, "
+    "priced, price_effective_time, reported_cost_nanos, reservation FROM usage_records";
+
+inline constexpr char kRollupDimensions[] =
+    "bucket, provider, model, provider_key, access_key, user_id";
+
+inline constexpr char kInsertRollups[] =
+    "INSERT INTO usage_rollups (bucket, provider, model, provider_key, access_key, user_id, "
+    "requests, errors, cancelled, input_tokens, output_tokens, cache_read_tokens, "
+    "cache_write_tokens, reasoning_tokens, cost_nanos, unpriced, latency_sum_us, ttft_sum_us, "
+    "ttft_count)";
+// Rollups add up: every column is a sum.
+inline constexpr char kRollupConflict[] =
+    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id) DO UPDATE SET "
+    "requests = usage_rollups.requests + excluded.requests, "
+    "errors = usage_rollups.errors + excluded.errors, "
+    "cancelled = usage_rollups.cancelled + excluded.cancelled, "
+    "input_tokens = usage_rollups.input_tokens + excluded.input_tokens, "
+    "output_tokens = usage_rollups.output_tokens + excluded.output_tokens, "
+    "cache_read_tokens = usage_rollups.cache_read_tokens + excluded.cache_read_tokens, "
+    "cache_write_tokens = usage_rollups.cache_write_tokens + excluded.cache_write_tokens, "
+    "reasoning_tokens = usage_rollups.reasoning_tokens + excluded.reasoning_tokens, "
+    "cost_nanos = usage_rollups.cost_nanos + excluded.cost_nanos, "
+    "unpriced = usage_rollups.unpriced + excluded.unpriced, "
+    "latency_sum_us = usage_rollups.latency_sum_us + excluded.latency_sum_us, "
+    "ttft_sum_us = usage_rollups.ttft_sum_us + excluded.ttft_sum_us, "
+    "ttft_count = usage_rollups.ttft_count + excluded.ttft_count";
+
+inline constexpr char kInsertLatency[] =
+    "INSERT INTO usage_latency (bucket, provider, model, provider_key, access_key, user_id, slot, "
+    "count)";
+inline constexpr char kLatencyConflict[] =
+    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id, slot) DO UPDATE "
+    "SET count = usage_latency.count + excluded.count";
+
+inline constexpr char kInsertKeyRecorded[] =
+    "INSERT INTO provider_key_recorded (key_name, day, requests, tokens, cost_nanos)";
+inline constexpr char kKeyRecordedConflict[] =
+    " ON CONFLICT (key_name, day) DO UPDATE SET "
+    "requests = provider_key_recorded.requests + excluded.requests, "
+    "tokens = provider_key_recorded.tokens + excluded.tokens, "
+    "cost_nanos = provider_key_recorded.cost_nanos + excluded.cost_nanos";
+
+// Column types of kSelectRecords.
+const std::vector<storage::SqlType>& RecordColumns();
+// The cells of kInsertRecords for one record.
+storage::SqlRow RecordRow(const v1::UsageRecord& record, std::int64_t seq,
+                          std::int64_t record_micros);
+// A row of kSelectRecords as a record (with its cursor).
+v1::UsageRecord DecodeRecord(const storage::SqlRow& row);
+
+}  // namespace modelvault::server
