@@ -69,29 +69,77 @@ std::string ContentHash(const v1::UsageRecord& record) {
       absl::string_view(reinterpret_cast<const char*>(digest), sizeof digest));
 }
 
-// Adds `count` items of `row_width` cells each to a multi-row statement in
-// chunks small enough for every engine's parameter limit.
-absl::Status InsertRows(storage::ReadWriteTx& tx, absl::string_view head,
-                        const std::vector<SqlRow>& rows, absl::string_view tail) {
-  if (rows.empty()) return absl::OkStatus();
-  const size_t width = rows.front().size();
-  const size_t per_statement = std::max<size_t>(1, 900 / width);
-  for (size_t begin = 0; begin < rows.size(); begin += per_statement) {
-    const size_t end = std::min(rows.size(), begin + per_statement);
-    std::vector<SqlCell> params;
-    params.reserve((end - begin) * width);
-    std::string sql(head);
-    absl::StrAppend(&sql, " VALUES ");
-    for (size_t r = begin; r < end; ++r) {
-      absl::StrAppend(&sql, r == begin ? "(" : ", (");
-      for (size_t c = 0; c < width; ++c) {
-        absl::StrAppend(&sql, c == 0 ? ":p" : ", :p", params.size());
-        params.push_back(rows[r][c]);
-      }
-      absl::StrAppend(&sql, ")");
+// Appends `text` as a JSON string.
+void AppendJsonString(std::string& out, absl::string_view text) {
+  out.push_back('"');
+  for (const char c : text) {
+    switch (c) {
+      case '"':
+        out.append("\\\"");
+        break;
+      case '\\':
+        out.append("\\\\");
+        break;
+      default:
+        if (static_cast<unsigned char>(c) < 0x20) {
+          absl::StrAppend(&out, "\\u00", absl::Hex(static_cast<unsigned char>(c), absl::kZeroPad2));
+        } else {
+          out.push_back(c);
+        }
     }
-    absl::StrAppend(&sql, tail);
-    absl::StatusOr<std::int64_t> n = tx.Exec(sql, params);
+  }
+  out.push_back('"');
+}
+
+// Rows [begin, end) as one JSON array of arrays.
+std::string RowsJson(const std::vector<SqlRow>& rows, size_t begin, size_t end) {
+  std::string out = "[";
+  for (size_t r = begin; r < end; ++r) {
+    out.append(r == begin ? "[" : ",[");
+    for (size_t c = 0; c < rows[r].size(); ++c) {
+      if (c > 0) out.push_back(',');
+      const SqlCell& cell = rows[r][c];
+      if (!cell.has_value()) {
+        out.append("null");
+      } else if (const auto* n = std::get_if<std::int64_t>(&*cell)) {
+        absl::StrAppend(&out, *n);
+      } else {
+        AppendJsonString(out, storage::CellText(cell));
+      }
+    }
+    out.push_back(']');
+  }
+  out.push_back(']');
+  return out;
+}
+
+// Writes many rows with one statement per few thousand: the rows travel as
+// one JSON parameter that the database unpacks (jsonb_array_elements on
+// PostgreSQL, json_each on SQLite), instead of a statement or hundreds of
+// bound parameters per row. `types` has one letter per column: 'i' for
+// BIGINT, 't' for TEXT.
+absl::Status InsertRows(storage::ReadWriteTx& tx, bool postgres, absl::string_view head,
+                        absl::string_view types, const std::vector<SqlRow>& rows,
+                        absl::string_view tail) {
+  if (rows.empty()) return absl::OkStatus();
+  std::vector<std::string> columns;
+  for (size_t i = 0; i < types.size(); ++i) {
+    if (postgres) {
+      columns.push_back(types[i] == 'i' ? absl::StrCat("(t.j->>", i, ")::BIGINT")
+                                        : absl::StrCat("t.j->>", i));
+    } else {
+      columns.push_back(absl::StrCat("t.value->>", i));
+    }
+  }
+  // "WHERE true" keeps SQLite from reading ON CONFLICT as part of the FROM.
+  const std::string sql = absl::StrCat(
+      head, " SELECT ", absl::StrJoin(columns, ", "), " FROM ",
+      postgres ? "jsonb_array_elements(CAST(:p0 AS jsonb)) AS t(j)" : "json_each(:p0) AS t",
+      " WHERE true", tail);
+  constexpr size_t kRowsPerStatement = 5000;
+  for (size_t begin = 0; begin < rows.size(); begin += kRowsPerStatement) {
+    const size_t end = std::min(rows.size(), begin + kRowsPerStatement);
+    absl::StatusOr<std::int64_t> n = tx.Exec(sql, {SqlCell(RowsJson(rows, begin, end))});
     if (!n.ok()) return n.status();
   }
   return absl::OkStatus();
@@ -272,19 +320,19 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     // 1. Idempotency: earlier records with these request_ids, and repeats
     // inside the batch (the first occurrence wins).
     absl::flat_hash_map<std::string, std::pair<std::int64_t, std::string>> known;  // seq, hash
-    for (size_t begin = 0; begin < records.size(); begin += 500) {
-      const size_t end = std::min(records.size(), begin + 500);
-      std::vector<SqlCell> params;
-      std::vector<std::string> marks;
-      for (size_t i = begin; i < end; ++i) {
-        marks.push_back(absl::StrCat(":p", params.size()));
-        params.emplace_back(records[i].record.request_id());
-      }
+    {
+      std::vector<SqlRow> ids;
+      ids.reserve(records.size());
+      for (const PreparedRecord& r : records) ids.push_back({SqlCell(r.record.request_id())});
+      std::string json = RowsJson(ids, 0, ids.size());
       absl::StatusOr<std::vector<SqlRow>> rows = tx.Query(
-          absl::StrCat("SELECT request_id, seq, content_hash FROM usage_request_ids "
-                       "WHERE request_id IN (",
-                       absl::StrJoin(marks, ", "), ")"),
-          params, {storage::SqlType::kText, storage::SqlType::kInt64, storage::SqlType::kText});
+          absl::StrCat("SELECT request_id, seq, content_hash FROM usage_request_ids WHERE "
+                       "request_id IN ",
+                       postgres_ ? "(SELECT e->>0 FROM jsonb_array_elements(CAST(:p0 AS jsonb)) "
+                                   "AS t(e))"
+                                 : "(SELECT value->>0 FROM json_each(:p0))"),
+          {SqlCell(std::move(json))},
+          {storage::SqlType::kText, storage::SqlType::kInt64, storage::SqlType::kText});
       if (!rows.ok()) return rows.status();
       for (const SqlRow& row : *rows) {
         known[storage::CellText(row[0])] = {storage::CellInt(row[1]), storage::CellText(row[2])};
@@ -378,13 +426,16 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
       charges.push_back(Charge{FromProto(r.time()), r.user(), r.access_key(), r.provider(),
                                r.model(), r.reservation(), r.cost_nanos()});
     }
-    if (absl::Status s = InsertRows(
-            tx, "INSERT INTO usage_request_ids (request_id, seq, record_time, content_hash)",
-            id_rows, "");
+    if (absl::Status s =
+            InsertRows(tx, postgres_,
+                       "INSERT INTO usage_request_ids (request_id, seq, record_time, content_hash)",
+                       "tiit", id_rows, "");
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = InsertRows(tx, kInsertRecords, record_rows, ""); !s.ok()) return s;
+    if (absl::Status s = InsertRows(tx, postgres_, kInsertRecords, kRecordTypes, record_rows, "");
+        !s.ok())
+      return s;
 
     // 4. Rollups (sorted keys: concurrent writers lock rows in one order).
     std::vector<SqlRow> rollup_rows;
@@ -398,7 +449,9 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
                              SqlCell(t.reasoning), SqlCell(t.cost), SqlCell(t.unpriced),
                              SqlCell(t.latency_sum), SqlCell(t.ttft_sum), SqlCell(t.ttft_count)});
     }
-    if (absl::Status s = InsertRows(tx, kInsertRollups, rollup_rows, kRollupConflict); !s.ok()) {
+    if (absl::Status s = InsertRows(tx, postgres_, kInsertRollups, "itttttiiiiiiiiiiiii",
+                                    rollup_rows, kRollupConflict);
+        !s.ok()) {
       return s;
     }
     std::vector<SqlRow> latency_rows;
@@ -409,7 +462,9 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
                               SqlCell(std::get<4>(r)), SqlCell(std::get<5>(r)),
                               SqlCell(std::int64_t{k.second}), SqlCell(count)});
     }
-    if (absl::Status s = InsertRows(tx, kInsertLatency, latency_rows, kLatencyConflict); !s.ok()) {
+    if (absl::Status s =
+            InsertRows(tx, postgres_, kInsertLatency, "itttttii", latency_rows, kLatencyConflict);
+        !s.ok()) {
       return s;
     }
     // 5. Provider-key counters and access keys' last use.
@@ -419,7 +474,8 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
       key_rows.push_back({SqlCell(k.first), SqlCell(k.second), SqlCell(t.requests),
                           SqlCell(t.input), SqlCell(t.cost)});
     }
-    if (absl::Status s = InsertRows(tx, kInsertKeyRecorded, key_rows, kKeyRecordedConflict);
+    if (absl::Status s =
+            InsertRows(tx, postgres_, kInsertKeyRecorded, "ttiii", key_rows, kKeyRecordedConflict);
         !s.ok()) {
       return s;
     }

@@ -21,6 +21,9 @@ inline constexpr char kInsertRecords[] =
     "cache_read_tokens, cache_write_tokens, reasoning_tokens, latency_us, ttft_us, status, "
     "error_class, cost_nanos, priced, price_effective_time, reported_cost_nanos, reservation)";
 
+// Column types of kInsertRecords: 'i' BIGINT, 't' TEXT.
+inline constexpr char kRecordTypes[] = "iiittttttttiiiiiiittiiiit";
+
 inline constexpr char kSelectRecords[] =
     "SELECT seq, record_time, call_time, request_id, provider, model, provider_key, access_key, "
     "user_id, conversation, message, input_tokens, output_tokens, cache_read_tokens, "

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -194,6 +195,33 @@ TEST_P(UsageTest, CostUsesThePriceInForceAtTheCallsTime) {
   EXPECT_EQ(stored->reported_cost_nanos(), 123);
   EXPECT_EQ(FromProto(stored->price_effective_time()), kNoon);
   EXPECT_EQ(stored->access_key(), kPrincipal);
+}
+
+// Records travel to the database as one JSON document per statement: text with quotes,
+// backslashes, control characters and non-ASCII letters, large numbers and NULLs come back
+// exactly.
+TEST_P(UsageTest, EveryValueSurvivesTheBulkWriteExactly) {
+  UsageRecord r = Record("json-\"quoted\"\\id", kNoon, 999'999'999'999, 0);
+  r.set_user("Zoë \"the\" \\ user\x01\t\n");
+  r.set_conversation("{\"not\": [json]}");
+  r.set_error_class("ünïcödé");
+  r.set_reported_cost_nanos(std::numeric_limits<std::int64_t>::max());
+  std::vector<RecordOutcome> out = Write({r});
+  ASSERT_EQ(out.size(), 1u);
+  absl::StatusOr<UsageRecord> stored = ledger_->GetBySeq(out[0].seq);
+  ASSERT_TRUE(stored.ok()) << stored.status();
+  EXPECT_EQ(stored->request_id(), r.request_id());
+  EXPECT_EQ(stored->user(), r.user());
+  EXPECT_EQ(stored->conversation(), r.conversation());
+  EXPECT_EQ(stored->error_class(), r.error_class());
+  EXPECT_EQ(stored->tokens().input(), 999'999'999'999);
+  EXPECT_EQ(stored->reported_cost_nanos(), std::numeric_limits<std::int64_t>::max());
+  EXPECT_FALSE(stored->has_time_to_first_token());  // NULL stays NULL
+  // The replay is recognized through the same path.
+  std::vector<RecordOutcome> again = Write({r});
+  ASSERT_EQ(again.size(), 1u);
+  EXPECT_EQ(again[0].kind, RecordOutcome::Kind::kDuplicate);
+  EXPECT_EQ(again[0].seq, out[0].seq);
 }
 
 TEST_P(UsageTest, BadRecordsNameTheFieldAtFault) {
