@@ -1,7 +1,9 @@
 // mv_null_server: a CatalogService that does no work. GetModel returns a fixed
 // model and ListModels a fixed page, both built once at start-up, so that the
 // throughput it reaches is the limit of the RPC stack on this machine: the
-// benchmark compares the real server against it (DESIGN.md §8).
+// benchmark compares the real server against it (DESIGN.md §8). The same for
+// AcquireProviderKey, VerifyAccessKey and RecordUsage (a fixed stored record,
+// as large as the one modelvault returns).
 //
 //   mv_null_server --listen 127.0.0.1:50061 [--catalog-size N]
 //
@@ -13,9 +15,9 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <pthread.h>
-#include <signal.h>
 
 #include <algorithm>
+#include <csignal>
 #include <cstdint>
 #include <cstdio>
 #include <memory>
@@ -28,6 +30,7 @@
 #include "modelvault/v1/catalog.grpc.pb.h"
 #include "modelvault/v1/catalog_resources.pb.h"
 #include "modelvault/v1/credentials.grpc.pb.h"
+#include "modelvault/v1/usage.grpc.pb.h"
 
 namespace modelvault::bench {
 namespace {
@@ -157,6 +160,49 @@ class NullAccessService final : public v1::AccessService::CallbackService {
   v1::VerifyAccessKeyResponse verified_;
 };
 
+// RecordUsage with no work: the answer modelvault gives for a record of
+// bench/usage_rows.h (costed, with its record time and cursor), built once.
+class NullUsageService final : public v1::UsageService::CallbackService {
+ public:
+  NullUsageService() {
+    v1::UsageRecord* r = recorded_.mutable_record();
+    r->set_request_id("bench-0123abcd-000-0000000042");
+    r->mutable_time()->set_seconds(1755216000);
+    r->mutable_time()->set_nanos(123456000);
+    r->set_provider("providers/openai");
+    r->set_model("providers/openai/models/gpt-4o");
+    r->set_provider_key("providers/openai/keys/usage-1");
+    r->set_access_key("accessKeys/0123456789abcdef");
+    r->set_user("user-0042");
+    r->set_conversation("conv-0123abcd-000-00000005");
+    r->set_message("msg-0123abcd-000-0000000042");
+    r->mutable_tokens()->set_input(1834);
+    r->mutable_tokens()->set_output(517);
+    r->mutable_tokens()->set_cache_read(1024);
+    r->mutable_latency()->set_seconds(2);
+    r->mutable_latency()->set_nanos(345678000);
+    r->mutable_time_to_first_token()->set_nanos(469135000);
+    r->set_status(v1::USAGE_STATUS_SUCCEEDED);
+    r->set_cost_nanos(11045000);
+    r->mutable_price_effective_time()->set_seconds(1727827200);
+    r->set_priced(true);
+    r->mutable_record_time()->set_seconds(1755216000);
+    r->mutable_record_time()->set_nanos(124567000);
+    r->set_cursor("MTIzNDU2Nzg5");
+  }
+  grpc::ServerUnaryReactor* RecordUsage(grpc::CallbackServerContext* context,
+                                        const v1::RecordUsageRequest* /*request*/,
+                                        v1::RecordUsageResponse* response) override {
+    *response = recorded_;
+    grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+    reactor->Finish(grpc::Status::OK);
+    return reactor;
+  }
+
+ private:
+  v1::RecordUsageResponse recorded_;
+};
+
 int Run(const std::string& listen, int32_t catalog_size) {
   // Block the stop signals in every thread (gRPC's threads inherit the mask);
   // the main thread takes them with sigwait.
@@ -172,12 +218,14 @@ int Run(const std::string& listen, int32_t catalog_size) {
   NullCatalogService service(catalog_size);
   NullCredentialService credentials;
   NullAccessService access;
+  NullUsageService usage;
   grpc::ServerBuilder builder;
   int port = 0;
   builder.AddListeningPort(listen, grpc::InsecureServerCredentials(), &port);
   builder.RegisterService(&service);
   builder.RegisterService(&credentials);
   builder.RegisterService(&access);
+  builder.RegisterService(&usage);
   // The transport settings of `modelvault serve` (server/server.cc), so that
   // both servers differ only in what their handlers do.
   builder.SetMaxReceiveMessageSize(4 << 20);

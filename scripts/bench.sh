@@ -1,16 +1,36 @@
 #!/usr/bin/env bash
-# `make bench`: throughput of modelvault's hot paths against their limit, a null gRPC
-# server answering the same calls with a fixed response (DESIGN.md §8). Assumes the
-# release preset is built (build/release). Runs, one at a time, bench/mv_loadgen against
-# bench/mv_null_server and against `modelvault serve` on a freshly migrated and seeded
-# SQLite database, for GetModel, ListModels, AcquireProviderKey (5 keys, 64 callers) and
-# VerifyAccessKey, and reports throughput, latency, their ratio and each server's own CPU
-# time per call (read from /proc/<pid>/stat around each run, divided by every call the
-# server answered in that run, warm-up included). Every call to modelvault carries the
-# bootstrap admin key. After the rounds it checks key accounting: the acquisitions
-# modelvault counted equal those it acknowledged, and with daily limits set, exactly the
-# allowed number is granted. Never asserts a time: it prints figures and ratios, also
-# written to build/bench/results.txt.
+# `make bench`: throughput of modelvault's hot paths against their limit, measured in the
+# same run (DESIGN.md §8). Assumes the release preset is built (build/release, or
+# BENCH_BUILD). Never asserts a time: it prints figures and ratios, also written to
+# build/bench/results.txt (or BENCH_OUT).
+#
+# 1. Against a null gRPC server answering the same calls with a fixed response: runs, one
+#    at a time, bench/mv_loadgen against bench/mv_null_server and against `modelvault
+#    serve` on a freshly migrated and seeded SQLite database, for GetModel, ListModels,
+#    AcquireProviderKey (5 keys, 64 callers), VerifyAccessKey and RecordUsage (a new
+#    record of a seeded model with every call), and reports throughput, latency, their
+#    ratio and each server's own CPU time per call (read from /proc/<pid>/stat around each
+#    run, divided by every call the server answered in that run, warm-up included). Every
+#    call to modelvault carries the bootstrap admin key. After the rounds it checks key
+#    accounting: the acquisitions modelvault counted equal those it acknowledged, and with
+#    daily limits set, exactly the allowed number is granted.
+# 2. WatchUsage fan-out on the same SQLite server: BENCH_WATCHERS streams, RecordUsage at
+#    BENCH_WATCH_RATE records/s; records delivered per second across the watchers and the
+#    latency from each record's record_time (stamped by the server's writer when the
+#    storing transaction starts, so an upper bound on commit-to-delivery) to its receipt.
+# 3. Durable usage on PostgreSQL: a dedicated cluster (scripts/pg.sh start --durable:
+#    fsync=on, synchronous_commit=on, stopped on every exit path), `modelvault migrate up`,
+#    `seed` and `serve` on it, then
+#      IngestUsage: BENCH_INGEST_STREAMS streams x BENCH_INGEST_INFLIGHT batches of
+#        BENCH_INGEST_BATCH records in flight; records acknowledged (so durable) per second;
+#      COPY: its limit, bench/mv_copy_bench COPYing as many equivalent rows (every column)
+#        into usage_records of the same database, over as many connections, one
+#        transaction per batch of the same size, into a fresh partition;
+#      RecordUsage on PostgreSQL (ratio to the null server of part 1) and WatchUsage as in
+#        part 2, its deliveries also timed from the commit: the cluster runs with
+#        track_commit_timestamp=on, and each delivery's receipt (mv_loadgen
+#        --deliveries-out) is matched with pg_xact_commit_timestamp of its record's row.
+#    BENCH_POSTGRES=0 skips this part.
 #
 # The null server's ListModels pages hold as many models as modelvault's do (the seeded
 # catalog is smaller than a page of 50), so both servers send the same amount of data.
@@ -22,7 +42,22 @@
 #   BENCH_ROUNDS    rounds, each measuring every (method, server) once; the table shows
 #                   each figure's median over the rounds (default 1; 3 steadies the ratio)
 #   BENCH_METADATA  KEY=VALUE header sent with every call (e.g. credentials), optional
-#   BENCH_MODELVAULT  the server binary (default build/release/modelvault)
+#   BENCH_BUILD     the build folder holding modelvault and bench/ (default build/release)
+#   BENCH_MODELVAULT  the server binary (default $BENCH_BUILD/modelvault)
+#   BENCH_OUT       folder of results.txt (default build/bench)
+#   BENCH_WATCHERS  WatchUsage streams (default 100)
+#   BENCH_WATCH_CHANNELS  connections the watchers share (default 4)
+#   BENCH_WATCH_RATE  RecordUsage calls per second during the WatchUsage runs (default 200:
+#                   each record goes to every watcher, and the load generator spends about
+#                   15-20 us of CPU per delivery, so 100 watchers x 2000/s would need more
+#                   than the 2 cores of the machine for the load generator alone)
+#   BENCH_INGEST_STREAMS  IngestUsage streams and COPY connections (default 8)
+#   BENCH_INGEST_BATCH    records per IngestUsage batch and per COPY (default 500)
+#   BENCH_INGEST_INFLIGHT batches in flight per IngestUsage stream (default 4)
+#   BENCH_INGEST_SECONDS, BENCH_INGEST_WARMUP  the IngestUsage run (default 10 and 3): its
+#                   acknowledgements come a whole group commit (up to 4000 records) at a
+#                   time, so a window of a few commits would count +-1 commit
+#   BENCH_POSTGRES  1 (default) runs part 3, 0 skips it
 #
 # Exits 1 when a server fails to start or a measured run had errors (figures are still
 # printed); exits 0 without the modelvault half, loudly, when the binary is missing.
@@ -35,12 +70,22 @@ BENCH_CHANNELS="${BENCH_CHANNELS:-4}"
 BENCH_INFLIGHT="${BENCH_INFLIGHT:-32}"
 BENCH_ROUNDS="${BENCH_ROUNDS:-1}"
 BENCH_METADATA="${BENCH_METADATA:-}"
+BENCH_WATCHERS="${BENCH_WATCHERS:-100}"
+BENCH_WATCH_RATE="${BENCH_WATCH_RATE:-200}"
+BENCH_WATCH_CHANNELS="${BENCH_WATCH_CHANNELS:-4}"
+BENCH_INGEST_STREAMS="${BENCH_INGEST_STREAMS:-8}"
+BENCH_INGEST_BATCH="${BENCH_INGEST_BATCH:-500}"
+BENCH_INGEST_INFLIGHT="${BENCH_INGEST_INFLIGHT:-4}"
+BENCH_INGEST_SECONDS="${BENCH_INGEST_SECONDS:-10}"
+BENCH_INGEST_WARMUP="${BENCH_INGEST_WARMUP:-3}"
+BENCH_POSTGRES="${BENCH_POSTGRES:-1}"
 
-build=build/release
+build="${BENCH_BUILD:-build/release}"
 loadgen=$build/bench/mv_loadgen
 null_server=$build/bench/mv_null_server
+copy_bench=$build/bench/mv_copy_bench
 modelvault="${BENCH_MODELVAULT:-$build/modelvault}"
-out_dir=build/bench
+out_dir="${BENCH_OUT:-build/bench}"
 results=$out_dir/results.txt
 readonly ready_timeout_s=20
 readonly list_page_size=50
@@ -56,7 +101,7 @@ die() {
 
 for tool in "$loadgen" "$null_server" "$buf"; do
   [ -x "$tool" ] || die "$tool is missing: build it with" \
-    "cmake --build build/release --target mv_null_server mv_loadgen -j2 (make bench does)"
+    "cmake --build $build --target mv_null_server mv_loadgen -j2 (make bench does)"
 done
 have_modelvault=0
 [ -x "$modelvault" ] && have_modelvault=1
@@ -68,6 +113,7 @@ clk_tck=$(getconf CLK_TCK)
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/modelvault-bench.XXXXXX")
 server_pids=()
 loadgen_pid=""
+pg_dir=""
 
 # Stops every server this script started: SIGTERM, then SIGKILL after 5 s.
 stop_servers() {
@@ -97,6 +143,10 @@ cleanup() {
     wait "$loadgen_pid" 2>/dev/null || true
   fi
   stop_servers
+  # The durable PostgreSQL of part 3, after the server that uses it.
+  if [ -n "$pg_dir" ]; then
+    bash scripts/pg.sh stop "$pg_dir" || log "WARNING: could not stop the PostgreSQL in $pg_dir"
+  fi
   rm -rf -- "$tmp"
   exit "$rc"
 }
@@ -168,21 +218,25 @@ wait_ready() {
   done
 }
 
-# measure SERVER TARGET PID METHOD [LOADGEN ARGS...]: one load generator run; sets
-# the globals line (its output line plus server_cpu_us_per_call) and run_errors.
+# measure SERVER TARGET PID METHOD [LOADGEN ARGS...]: one load generator run of
+# run_warmup + run_seconds (BENCH_WARMUP + BENCH_SECONDS unless set); sets the globals
+# line (its output line plus server_cpu_us_per_call) and run_errors.
 line=""
 run_errors=0
 any_errors=0
+run_seconds=""
+run_warmup=""
 measure() {
   local server=$1 target=$2 pid=$3 method=$4
   shift 4
   local before after out rc=0
-  log "$method against $server ($target): ${BENCH_WARMUP} s warm-up + ${BENCH_SECONDS} s"
+  local seconds=${run_seconds:-$BENCH_SECONDS} warmup=${run_warmup:-$BENCH_WARMUP}
+  log "$method against $server ($target): ${warmup} s warm-up + ${seconds} s"
   before=$(cpu_ticks "$pid")
   # In the background, so that a signal to this script acts at once (bash runs traps
   # only between foreground commands, but interrupts `wait`).
   "$loadgen" --target "$target" --method "$method" --channels "$BENCH_CHANNELS" \
-    --inflight "$BENCH_INFLIGHT" --seconds "$BENCH_SECONDS" --warmup "$BENCH_WARMUP" \
+    --inflight "$BENCH_INFLIGHT" --seconds "$seconds" --warmup "$warmup" \
     "${metadata_args[@]}" "$@" >"$tmp/loadgen.out" 2>"$tmp/loadgen.err" &
   loadgen_pid=$!
   wait "$loadgen_pid" || rc=$?
@@ -267,8 +321,20 @@ wait_ready mv_null_server "$null_target" "$null_pid" "$tmp/null.log"
 # fig[SERVER.METHOD.KEY]: the figure of every round, space-separated, then its median.
 declare -A fig
 acknowledged=0
-methods="GetModel ListModels AcquireProviderKey VerifyAccessKey"
+methods="GetModel ListModels AcquireProviderKey VerifyAccessKey RecordUsage"
 keys="rps p50_us p99_us items_per_call server_cpu_us_per_call"
+watch_keys="rps p50_us p99_us max_us send_p50_us send_p99_us send_max_us written_per_s missing
+  server_cpu_us_per_call"
+# watch_run LABEL SERVER TARGET PID [LOADGEN ARGS...]: one WatchUsage run (BENCH_WATCHERS
+# streams on BENCH_WATCH_CHANNELS connections, RecordUsage at BENCH_WATCH_RATE/s on one
+# more); figures under LABEL.
+watch_run() {
+  local label=$1
+  shift
+  measure "$1" "$2" "$3" WatchUsage --watchers "$BENCH_WATCHERS" --rate "$BENCH_WATCH_RATE" \
+    --channels "$BENCH_WATCH_CHANNELS" "${@:4}"
+  for k in $watch_keys; do fig[$label.WatchUsage.$k]+="$(field "$line" "$k") "; done
+}
 for ((round = 1; round <= BENCH_ROUNDS; round++)); do
   ((BENCH_ROUNDS > 1)) && log "round $round of $BENCH_ROUNDS"
   for method in $methods; do
@@ -287,6 +353,7 @@ for ((round = 1; round <= BENCH_ROUNDS; round++)); do
       [ "$method" = AcquireProviderKey ] && acknowledged=$((acknowledged + $(field "$line" total_ok)))
     fi
   done
+  ((have_modelvault)) && watch_run sqlite modelvault "$mv_target" "$mv_pid"
 done
 
 # Key accounting: what modelvault counted (flushed every 100 ms) against what it
@@ -322,6 +389,117 @@ if ((have_modelvault)); then
 fi
 stop_servers
 
+# commit_latency RUN_ID DELIVERIES: the latency from each delivered record's PostgreSQL
+# commit timestamp (track_commit_timestamp: taken as the commit record is written, before
+# it is flushed) to its receipt by a watcher (DELIVERIES: request_id, receipt Unix us);
+# adds p50/p99/max to fig[pg.WatchUsage.commit_*_us].
+commit_latency() {
+  local run_id=$1 deliveries=$2 out
+  if ! command -v psql >/dev/null; then
+    log "no psql: WatchUsage deliveries not timed against commit timestamps"
+    return 0
+  fi
+  psql -X -q -A -t -v ON_ERROR_STOP=1 "${pg_url#postgresql://}" -c \
+    "COPY (SELECT request_id, (extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000000)::bigint
+      FROM usage_records WHERE request_id LIKE 'bench-$run_id-%') TO STDOUT" \
+    >"$tmp/commits.txt" 2>"$tmp/psql.err" || {
+    cat "$tmp/psql.err" >&2
+    log "WARNING: could not read the commit timestamps; deliveries not timed against them"
+    any_errors=1
+    return 0
+  }
+  # A row without a commit timestamp (\N) is left out.
+  out=$(awk -F '\t' 'NR == FNR { commit[$1] = $2; next }
+      ($1 in commit) && commit[$1] ~ /^[0-9]+$/ { print $2 - commit[$1] }' \
+    "$tmp/commits.txt" "$deliveries" |
+    sort -n | awk '{ v[NR] = $1 } END {
+      if (NR == 0) { print "- - -"; exit }
+      p50 = int(NR * 0.5); if (p50 < NR * 0.5) p50++
+      p99 = int(NR * 0.99); if (p99 < NR * 0.99) p99++
+      print v[p50], v[p99], v[NR], NR }')
+  local p50 p99 max n
+  read -r p50 p99 max n <<<"$out"
+  log "commit timestamp to receipt: $n deliveries, us p50 $p50 p99 $p99 max $max"
+  echo "server=modelvault-pg method=WatchUsage-commit-timing deliveries=${n:-0}" \
+    "commit_p50_us=$p50 commit_p99_us=$p99 commit_max_us=$max" >>"$tmp/raw.txt"
+  fig[pg.WatchUsage.commit_p50_us]+="$p50 "
+  fig[pg.WatchUsage.commit_p99_us]+="$p99 "
+  fig[pg.WatchUsage.commit_max_us]+="$max "
+}
+
+# Part 3: durable usage on a PostgreSQL of its own (fsync and synchronous_commit on).
+pg_ran=0
+pg_settings=""
+if ((have_modelvault)) && [ "$BENCH_POSTGRES" = 1 ]; then
+  [ -x "$copy_bench" ] || die "$copy_bench is missing: build it with" \
+    "cmake --build $build --target mv_copy_bench -j2 (make bench does), or set BENCH_POSTGRES=0"
+  pg_dir="$tmp/pg"
+  log "starting a durable PostgreSQL (fsync=on, synchronous_commit=on) for the usage rows"
+  # Commit timestamps time WatchUsage deliveries from the commit itself.
+  pg_url=$(MODELVAULT_PG_SERVER_OPTS="-c track_commit_timestamp=on" \
+    bash scripts/pg.sh start --durable "$pg_dir" 2>"$tmp/pg.err" | tail -n 1) ||
+    { cat "$tmp/pg.err" >&2; die "PostgreSQL did not start"; }
+  "$modelvault" migrate up --database "$pg_url" >"$tmp/pg-migrate.log" 2>&1 ||
+    { cat "$tmp/pg-migrate.log" >&2; die "modelvault migrate up failed on PostgreSQL"; }
+  "$modelvault" seed --database "$pg_url" >"$tmp/pg-seed.log" 2>&1 ||
+    { cat "$tmp/pg-seed.log" >&2; die "modelvault seed failed on PostgreSQL"; }
+  pg_target="127.0.0.1:$(free_port)"
+  "$modelvault" serve --listen "$pg_target" --database "$pg_url" \
+    --master-key-file "$tmp/master.key" --admin-key-file "$tmp/pg-admin.token" \
+    >"$tmp/modelvault-pg.log" 2>&1 &
+  pg_pid=$!
+  server_pids+=("$pg_pid")
+  for _ in $(seq 100); do [ -s "$tmp/pg-admin.token" ] && break; sleep 0.1; done
+  [ -s "$tmp/pg-admin.token" ] || die "modelvault wrote no admin key ($tmp/modelvault-pg.log)"
+  pg_token=$(<"$tmp/pg-admin.token")
+  metadata_args=(--metadata "authorization=Bearer $pg_token")
+  wait_ready modelvault-pg "$pg_target" "$pg_pid" "$tmp/modelvault-pg.log"
+  pg_ran=1
+  for ((round = 1; round <= BENCH_ROUNDS; round++)); do
+    ((BENCH_ROUNDS > 1)) && log "PostgreSQL round $round of $BENCH_ROUNDS"
+    run_seconds=$BENCH_INGEST_SECONDS run_warmup=$BENCH_INGEST_WARMUP \
+      measure modelvault-pg "$pg_target" "$pg_pid" IngestUsage \
+      --channels "$BENCH_INGEST_STREAMS" --inflight "$BENCH_INGEST_INFLIGHT" \
+      --batch "$BENCH_INGEST_BATCH"
+    for k in $keys; do fig[pg.IngestUsage.$k]+="$(field "$line" "$k") "; done
+    # The limit: as many rows as were acknowledged in the measured window.
+    rows=$(($(field "$line" calls) - $(field "$line" errors)))
+    if ((rows > 0)); then
+      log "COPY of $rows rows into usage_records: $BENCH_INGEST_STREAMS connections," \
+        "$BENCH_INGEST_BATCH rows per transaction"
+      rc=0
+      "$copy_bench" --database "$pg_url" --rows "$rows" --connections "$BENCH_INGEST_STREAMS" \
+        --batch "$BENCH_INGEST_BATCH" --days-ahead $((6 + round)) \
+        --access-key "accessKeys/${pg_token:3:16}" >"$tmp/copy.out" 2>"$tmp/copy.err" &
+      loadgen_pid=$!
+      wait "$loadgen_pid" || rc=$?
+      loadgen_pid=""
+      sed 's/^/  /' "$tmp/copy.err" >&2
+      out=$(<"$tmp/copy.out")
+      [ -n "$out" ] || die "mv_copy_bench printed no result"
+      echo "server=postgres $out" >>"$tmp/raw.txt"
+      for k in rps p50_us p99_us; do fig[copy.COPY.$k]+="$(field "$out" "$k") "; done
+      pg_settings="fsync=$(field "$out" fsync) synchronous_commit=$(field "$out" synchronous_commit)"
+      if ((rc != 0)); then
+        any_errors=1
+        log "WARNING: COPY had errors; its figures are not valid"
+      fi
+    else
+      log "WARNING: IngestUsage acknowledged no record; no COPY run"
+      any_errors=1
+    fi
+    measure modelvault-pg "$pg_target" "$pg_pid" RecordUsage
+    for k in $keys; do fig[pg.RecordUsage.$k]+="$(field "$line" "$k") "; done
+    watch_run_id=$(printf 'w%07x' $((RANDOM * 32768 + RANDOM)))
+    watch_run pg modelvault-pg "$pg_target" "$pg_pid" --run-id "$watch_run_id" \
+      --deliveries-out "$tmp/deliveries.txt"
+    commit_latency "$watch_run_id" "$tmp/deliveries.txt"
+  done
+  stop_servers
+  bash scripts/pg.sh stop "$pg_dir" || log "WARNING: could not stop the PostgreSQL in $pg_dir"
+  pg_dir=""
+fi
+
 # The median of space-separated numbers (the lower one of the middle two).
 median() {
   tr ' ' '\n' <<<"$1" | grep -v '^$' | sort -g |
@@ -329,16 +507,27 @@ median() {
 }
 for k in "${!fig[@]}"; do fig[$k]=$(median "${fig[$k]}"); done
 
-ratio() {
-  awk -v a="${fig[mv.$1.rps]:-}" -v b="${fig[null.$1.rps]:-}" \
+ratio() { ratio_of "mv.$1.rps" "null.$1.rps"; }
+# ratio_of KEY_A KEY_B: fig[KEY_A] / fig[KEY_B], or - when either is missing.
+ratio_of() {
+  awk -v a="${fig[$1]:-}" -v b="${fig[$2]:-}" \
     'BEGIN { if (a != "" && b > 0) printf "%.2f", a / b; else print "-" }'
+}
+# ms KEY: fig[KEY] (microseconds) in milliseconds, or -.
+ms() {
+  awk -v u="${fig[$1]:-}" 'BEGIN { if (u ~ /^-?[0-9.]+$/) printf "%.1f", u / 1000; else print "-" }'
+}
+# pair PREFIX: "p50/p99" of fig[PREFIX.p50_us] and fig[PREFIX.p99_us], or -.
+pair() {
+  if [ -n "${fig[$1.rps]:-}" ]; then echo "${fig[$1.p50_us]}/${fig[$1.p99_us]}"; else echo "-"; fi
 }
 
 {
   echo "modelvault hot-path benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ)," \
     "commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo +dirty)"
   echo "$(nproc) cores; load generator: $BENCH_CHANNELS channels x $BENCH_INFLIGHT in flight," \
-    "${BENCH_WARMUP} s warm-up + ${BENCH_SECONDS} s per run; modelvault on SQLite"
+    "${BENCH_WARMUP} s warm-up + ${BENCH_SECONDS} s per run; modelvault on SQLite" \
+    "(durable usage rows: PostgreSQL)"
   echo "load average before the run: $load_before"
   if ((busy)); then
     echo "WARNING: the machine was busy before the run; figures are low and noisy"
@@ -372,8 +561,82 @@ ratio() {
   echo "ListModels target: ratio >= 0.8 (measured $(ratio ListModels))"
   echo "AcquireProviderKey target: ratio >= 0.6 (measured $(ratio AcquireProviderKey))"
   echo "VerifyAccessKey: ratio $(ratio VerifyAccessKey) (no target)"
+  echo "RecordUsage: ratio $(ratio RecordUsage) on SQLite (no target; every call stores a record" \
+    "through the group-commit writer, the null server answers a fixed record)"
   [ -n "$accounting" ] && echo "$accounting"
   [ -n "$limits" ] && echo "$limits"
+  if ((pg_ran)); then
+    echo
+    echo "durable usage on PostgreSQL, a dedicated cluster ($pg_settings;" \
+      "track_commit_timestamp=on for WatchUsage), the same database for both:"
+    fmt2="%-34s | %9s | %9s | %5s | %15s | %16s | %14s\n"
+    # shellcheck disable=SC2059
+    printf "$fmt2" "row (per second)" modelvault limit ratio "mv p50/p99 us" "limit p50/p99 us" \
+      "mv cpu us/item"
+    # shellcheck disable=SC2059
+    printf "$fmt2" "" "" "" "" "" "" "" | tr ' |' '-+'
+    # shellcheck disable=SC2059
+    printf "$fmt2" "IngestUsage records vs COPY rows" "${fig[pg.IngestUsage.rps]:--}" \
+      "${fig[copy.COPY.rps]:--}" "$(ratio_of pg.IngestUsage.rps copy.COPY.rps)" \
+      "$(pair pg.IngestUsage)" "$(pair copy.COPY)" \
+      "${fig[pg.IngestUsage.server_cpu_us_per_call]:--}"
+    # shellcheck disable=SC2059
+    printf "$fmt2" "RecordUsage calls vs null server" "${fig[pg.RecordUsage.rps]:--}" \
+      "${fig[null.RecordUsage.rps]:--}" "$(ratio_of pg.RecordUsage.rps null.RecordUsage.rps)" \
+      "$(pair pg.RecordUsage)" "$(pair null.RecordUsage)" \
+      "${fig[pg.RecordUsage.server_cpu_us_per_call]:--}"
+    echo "IngestUsage: $BENCH_INGEST_STREAMS streams x $BENCH_INGEST_INFLIGHT batches of" \
+      "$BENCH_INGEST_BATCH records in flight, ${BENCH_INGEST_WARMUP} s warm-up +" \
+      "${BENCH_INGEST_SECONDS} s, counted when acknowledged (after commit); latency" \
+      "per batch, send to acknowledgement; cpu per record. COPY: the same number of rows (every" \
+      "column of usage_records, the same values) into usage_records, a fresh partition," \
+      "$BENCH_INGEST_STREAMS connections, one transaction per $BENCH_INGEST_BATCH rows; latency" \
+      "per COPY + commit. modelvault also writes usage_request_ids, rollups, latency histograms," \
+      "key counters and the feed position in the same transactions."
+    echo "IngestUsage target: >= 0.5 x COPY, durable on acknowledgement (measured" \
+      "$(ratio_of pg.IngestUsage.rps copy.COPY.rps))"
+  fi
+  if [ -n "${fig[sqlite.WatchUsage.rps]:-}${fig[pg.WatchUsage.rps]:-}" ]; then
+    echo
+    echo "WatchUsage: $BENCH_WATCHERS watchers on $BENCH_WATCH_CHANNELS connections, RecordUsage at" \
+      "$BENCH_WATCH_RATE records/s on another; every watcher receives every record"
+    fmt3="%-10s | %9s | %11s | %10s | %18s | %18s | %18s | %7s | %12s\n"
+    # shellcheck disable=SC2059
+    printf "$fmt3" database written/s delivered/s expected/s "commit p50/p99/max" \
+      "rec.time p50/99/max" "send p50/p99/max" missing "cpu us/deliv"
+    # shellcheck disable=SC2059
+    printf "$fmt3" "" "" "" "" "" "" "" "" "" | tr ' |' '-+'
+    for db in sqlite pg; do
+      [ -n "${fig[$db.WatchUsage.rps]:-}" ] || continue
+      label=SQLite
+      [ "$db" = pg ] && label=PostgreSQL
+      expected=$(awk -v w="${fig[$db.WatchUsage.written_per_s]}" -v n="$BENCH_WATCHERS" \
+        'BEGIN { printf "%.0f", w * n }')
+      commit="-"
+      if [ -n "${fig[$db.WatchUsage.commit_p99_us]:-}" ]; then
+        commit="$(ms "$db.WatchUsage.commit_p50_us")/$(ms "$db.WatchUsage.commit_p99_us")"
+        commit+="/$(ms "$db.WatchUsage.commit_max_us")"
+      fi
+      # shellcheck disable=SC2059
+      printf "$fmt3" "$label" "${fig[$db.WatchUsage.written_per_s]}" "${fig[$db.WatchUsage.rps]}" \
+        "$expected" "$commit" \
+        "$(ms "$db.WatchUsage.p50_us")/$(ms "$db.WatchUsage.p99_us")/$(ms "$db.WatchUsage.max_us")" \
+        "$(ms "$db.WatchUsage.send_p50_us")/$(ms "$db.WatchUsage.send_p99_us")/$(ms "$db.WatchUsage.send_max_us")" \
+        "${fig[$db.WatchUsage.missing]}" "${fig[$db.WatchUsage.server_cpu_us_per_call]}"
+    done
+    echo "latency in ms, from three points to the receipt by a watcher (same host, same wall" \
+      "clock): commit: PostgreSQL's commit timestamp of the record's transaction" \
+      "(track_commit_timestamp, taken as the commit record is written, just before its" \
+      "flush; SQLite keeps none); rec.time: the record's record_time, which the server stamps" \
+      "when its writer starts the transaction that stores the record, so an upper bound on" \
+      "commit-to-delivery that includes the whole transaction; send: when the RecordUsage call" \
+      "was sent (carried in the record). cpu: the server's, per record delivered to a watcher" \
+      "(the writes' cost included)."
+    echo "WatchUsage target: p99 commit-to-delivery <= 50 ms (measured: PostgreSQL" \
+      "$(ms pg.WatchUsage.commit_p99_us) ms from the commit timestamp," \
+      "$(ms pg.WatchUsage.p99_us) ms from record_time; SQLite $(ms sqlite.WatchUsage.p99_us) ms" \
+      "from record_time)"
+  fi
   if ! ((have_modelvault)); then
     echo "modelvault NOT measured: $modelvault does not exist (null server only)"
   fi

@@ -10,6 +10,10 @@
 # under /tmp instead and DIR only holds the bookkeeping files. Not as root, everything runs
 # as the calling user.
 #
+# MODELVAULT_PG_SERVER_OPTS, when set at `start`, adds server settings to the ones pg.sh
+# passes, as `-c name=value` words (e.g. "-c track_commit_timestamp=on"; scripts/bench.sh
+# uses it); unset, nothing changes.
+#
 # After `start`, `source DIR/env` exports MODELVAULT_TEST_POSTGRES_URL and
 # MODELVAULT_TEST_POSTGRES_PORT. The server listens on 127.0.0.1 only, on a random free
 # port, with trust authentication and its Unix socket in the cluster folder. Unless
@@ -208,6 +212,16 @@ start_cluster() {
   local -a opts=(-c listen_addresses=127.0.0.1 -c max_connections=300 -c shared_buffers=128MB)
   if [ "$durable" != 1 ]; then
     opts+=(-c fsync=off -c synchronous_commit=off -c full_page_writes=off)
+  fi
+  if [ -n "${MODELVAULT_PG_SERVER_OPTS:-}" ]; then
+    local -a extra
+    read -r -a extra <<<"$MODELVAULT_PG_SERVER_OPTS"
+    local word
+    for word in "${extra[@]}"; do
+      [[ "$word" =~ ^(-c|[A-Za-z_.]+=[A-Za-z0-9_.:/-]*)$ ]] ||
+        die "MODELVAULT_PG_SERVER_OPTS takes -c name=value words, got '$word'"
+    done
+    opts+=("${extra[@]}")
   fi
 
   for attempt in 1 2 3 4 5; do
