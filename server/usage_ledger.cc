@@ -285,6 +285,12 @@ bool UsageLedger::Prepare(const v1::UsageRecord& in, absl::string_view principal
   }
   if (violations.size() != before) return false;
 
+  // Times are kept to the microsecond: answer and hash what is stored.
+  *r.mutable_time() = ToProto(FromProto(r.time()));
+  if (r.has_latency()) *r.mutable_latency() = ToProto(FromProto(r.latency()));
+  if (r.has_time_to_first_token()) {
+    *r.mutable_time_to_first_token() = ToProto(FromProto(r.time_to_first_token()));
+  }
   out.content_hash = ContentHash(r);
   // Cost at the price in force at the call's time; unpriced when the
   // catalog has no such model or price (the record is still kept).
@@ -385,6 +391,7 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     for (size_t i : fresh) {
       const v1::UsageRecord& r = records[i].record;
       outcomes[i].seq = ++seq;
+      outcomes[i].record_time = absl::FromUnixMicros(record_micros);
       const std::int64_t call_micros = absl::ToUnixMicros(FromProto(r.time()));
       const std::int64_t latency_us = absl::ToInt64Microseconds(FromProto(r.latency()));
       record_rows.push_back(RecordRow(r, seq, record_micros));

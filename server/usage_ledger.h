@@ -41,7 +41,8 @@ struct PreparedRecord {
 struct RecordOutcome {
   enum class Kind { kStored, kDuplicate, kReused };
   Kind kind = Kind::kStored;
-  std::int64_t seq = 0;  // stored: its seq; duplicate: the original's
+  std::int64_t seq = 0;    // stored: its seq; duplicate: the original's
+  absl::Time record_time;  // stored: when it was stored
 };
 
 // Log-scale latency histogram slots (ratio 1.1 from 1 µs): the slot of a

@@ -68,8 +68,11 @@ class IngestReactor final
  private:
   void Submit() {
     {
+      // Checked and counted at once: a failing batch finishing the stream in
+      // between would otherwise let this one outlive the reactor.
       std::lock_guard lock(mu_);
       if (failed_ || finished_) return;  // the stream is ending; this batch is not acknowledged
+      ++in_flight_;
     }
     v1::IngestUsageResponse ack;
     ack.set_batch_id(request_.batch_id());
@@ -103,10 +106,6 @@ class IngestReactor final
         r->set_field(violations.front().field);
         r->set_description(violations.front().description);
       }
-    }
-    {
-      std::lock_guard lock(mu_);
-      ++in_flight_;
     }
     const bool queued =
         writer_.Submit(std::move(prepared),
@@ -272,6 +271,7 @@ UsageService::Reactor* UsageService::RecordUsage(Ctx* c, const v1::RecordUsageRe
         if (outcome.kind == RecordOutcome::Kind::kStored) {
           *o->mutable_record() = std::move(submitted);
           o->mutable_record()->set_cursor(EncodeCursor(outcome.seq));
+          *o->mutable_record()->mutable_record_time() = ToProto(outcome.record_time);
           reactor->Finish(grpc::Status::OK);
           return;
         }

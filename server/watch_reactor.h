@@ -56,14 +56,17 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   }
 
   void Close(const absl::Status& status, std::int64_t seq) override {
-    absl::Status final_status = status;
-    if (absl::IsUnavailable(status) && ErrorReason(status).empty()) {
-      final_status = WithErrorInfo(status, "STREAM_ENDED", {{"cursor", EncodeCursor(seq)}});
-    }
     {
       std::lock_guard lock(mu_);
       if (finish_requested_) return;
       finish_requested_ = true;
+      // Messages queued behind the one in flight are dropped: the client
+      // resumes after the last message it will receive.
+      const std::int64_t cursor = writing_ ? seqs_.front() : seq;
+      absl::Status final_status = status;
+      if (absl::IsUnavailable(status) && ErrorReason(status).empty()) {
+        final_status = WithErrorInfo(status, "STREAM_ENDED", {{"cursor", EncodeCursor(cursor)}});
+      }
       final_status_ = ToGrpcStatus(final_status);
       if (writing_) return;  // OnWriteDone finishes
     }
@@ -76,10 +79,12 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
     {
       std::lock_guard lock(mu_);
       queue_.pop_front();
+      seqs_.pop_front();
       if (!ok) {
         finish_requested_ = true;
         final_status_ = grpc::Status(grpc::StatusCode::UNAVAILABLE, "stream broken");
         queue_.clear();
+        seqs_.clear();
       }
       if (!queue_.empty() && !finish_requested_) {
         next = &queue_.front();
@@ -131,10 +136,11 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
         final_status_ = ToGrpcStatus(WithErrorInfo(
             absl::ResourceExhaustedError(
                 "the stream fell too far behind; resume from the last cursor received"),
-            "SLOW_CONSUMER", {{"cursor", EncodeCursor(last_seq_)}}));
+            "SLOW_CONSUMER", {{"cursor", EncodeCursor(seqs_.front())}}));
         return false;  // the write in flight finishes the stream
       }
       queue_.push_back(std::move(response));
+      seqs_.push_back(seq);
       last_seq_ = seq;
       if (!writing_) {
         writing_ = true;
@@ -152,7 +158,8 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   std::shared_ptr<WatchReactor> self_;
   // std::mutex rather than absl::Mutex: TSan sees it (Debian's Abseil is not instrumented).
   std::mutex mu_;
-  std::deque<Response> queue_;  // front is in flight while writing_
+  std::deque<Response> queue_;     // front is in flight while writing_
+  std::deque<std::int64_t> seqs_;  // the feed position of each queued message
   bool writing_ = false;
   bool finish_requested_ = false;
   bool done_ = false;
