@@ -195,7 +195,13 @@ UsageLedger::UsageLedger(storage::Datastore& datastore, CatalogCache& catalog,
       budgets_(budgets),
       page_token_key_(std::move(page_token_key)),
       options_(std::move(options)),
-      postgres_(datastore.engine() == "postgresql") {}
+      postgres_(datastore.engine() == "postgresql") {
+  // Reading the field options once here builds protobuf's lazily created
+  // defaults before writers run Prepare on many threads (a first use from
+  // two threads at once is a race TSan reports inside libprotobuf).
+  v1::UsageRecord warm_up;
+  ClearOutputOnly(warm_up);
+}
 
 bool UsageLedger::Prepare(const v1::UsageRecord& in, absl::string_view principal,
                           absl::string_view prefix, PreparedRecord& out,
