@@ -39,6 +39,8 @@ Secrets and access:
   --key-flush-ms N         how often key counters are written and shared (default 100)
   --usage-retention-days N days raw usage records are kept; rollups stay (default 90)
   --usage-poll-ms N        how often other replicas' usage records are looked for (default 20)
+  --usage-writers N        concurrent usage transactions (group commits) on PostgreSQL
+                           (default 2; SQLite always has one)
   --secret-file-dir DIR    provider-key secrets may be file: references to files under DIR
                            (off by default; env: references may name any variable except
                            MODELVAULT_*)
@@ -111,6 +113,7 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
                                               "tls-client-ca",
                                               "secret-file-dir",
                                               "usage-poll-ms",
+                                              "usage-writers",
                                               "usage-retention-days"},
                                              {"migrate"});
   if (!flags.ok()) return flags.status();
@@ -149,6 +152,7 @@ absl::StatusOr<ServeConfig> ParseServeConfig(const std::vector<std::string>& arg
         number("max-keys-per-provider", 100, 1, 1000, config.max_keys_per_provider),
         number("key-flush-ms", 100, 10, 10000, flush_ms),
         number("usage-poll-ms", 20, 1, 10000, usage_poll_ms),
+        number("usage-writers", 2, 1, 16, config.usage_writers),
         number("usage-retention-days", 90, 1, 36500, config.usage_retention_days)}) {
     if (!s.ok()) return s;
   }

@@ -59,6 +59,7 @@ struct ServeConfig {
   // replica's own wake the watchers at once), and how long raw records stay.
   absl::Duration usage_poll = absl::Milliseconds(20);
   int usage_retention_days = 90;
+  int usage_writers = 2;  // PostgreSQL; SQLite has one writer
   // TLS: certificate chain and key (PEM); with a client CA, clients must
   // present a certificate it signed (mTLS).
   std::string tls_cert_file;

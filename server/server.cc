@@ -305,10 +305,13 @@ absl::Status RunServer(const ServeConfig& config) {
   }
   ChangeHub usage_hub(**datastore, config.usage_poll, UsageFeedSource());
   usage_hub.Start(usage_head);
-  UsageWriter usage_writer(usage_ledger, [&](std::vector<storage::ChangeRecord> alerts) {
-    usage_hub.Poke();
-    if (!alerts.empty()) hub.Poke();  // alerts reach the cache and WatchAlerts via the feed
-  });
+  UsageWriter usage_writer(
+      usage_ledger,
+      [&](std::vector<storage::ChangeRecord> alerts) {
+        usage_hub.Poke();
+        if (!alerts.empty()) hub.Poke();  // alerts reach the cache and WatchAlerts via the feed
+      },
+      (*datastore)->features().concurrent_writers ? config.usage_writers : 1);
   UsageService usage(usage_ledger, usage_writer, usage_hub, gate, executor);
   BudgetService budgets(methods, budget_ledger, hub, gate, **datastore);
   Maintenance maintenance(usage_ledger, budget_ledger, **datastore);

@@ -319,7 +319,8 @@ bool UsageLedger::Prepare(const v1::UsageRecord& in, absl::string_view principal
 }
 
 absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
-    const std::vector<PreparedRecord>& records, std::vector<storage::ChangeRecord>* alerts) {
+    const std::vector<PreparedRecord>& records, std::vector<storage::ChangeRecord>* alerts,
+    int lane) {
   const absl::Time now = options_.clock();
   if (postgres_) {
     if (absl::Status s = EnsurePartitions(now, now + absl::Hours(24)); !s.ok()) return s;
@@ -373,22 +374,11 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     }
     if (fresh.empty()) return absl::OkStatus();
 
-    // 2. Sequence numbers. The usage_feed row stays locked until commit, so
-    // batches commit in seq order on every engine and replica.
-    absl::StatusOr<std::int64_t> bumped =
-        tx.Exec("UPDATE usage_feed SET last_seq = last_seq + :p0 WHERE id = 1",
-                {SqlCell(static_cast<std::int64_t>(fresh.size()))});
-    if (!bumped.ok()) return bumped.status();
-    absl::StatusOr<std::vector<SqlRow>> head =
-        tx.Query("SELECT last_seq FROM usage_feed WHERE id = 1", {}, {storage::SqlType::kInt64});
-    if (!head.ok()) return head.status();
-    if (head->empty()) return absl::InternalError("the usage feed row is missing");
-    std::int64_t seq = storage::CellInt(head->front()[0]) - static_cast<std::int64_t>(fresh.size());
+    // 2. Rollups, latency histograms, provider-key counters, access keys'
+    // last use and budgets, gathered in memory first. Each table's rows are
+    // written in sorted key order, so concurrent writers lock them in one order.
     const std::int64_t record_micros = absl::ToUnixMicros(now);
-
-    // 3. The records and their request_ids; rollups and counters gathered.
-    std::vector<SqlRow> record_rows;
-    std::vector<SqlRow> id_rows;
+    const std::int64_t lane64 = lane;
     std::map<RollupKey, Totals> rollups;
     std::map<std::pair<RollupKey, int>, std::int64_t> latency;
     std::map<std::pair<std::string, std::string>, Totals> key_days;
@@ -396,13 +386,8 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     std::vector<Charge> charges;
     for (size_t i : fresh) {
       const v1::UsageRecord& r = records[i].record;
-      outcomes[i].seq = ++seq;
-      outcomes[i].record_time = absl::FromUnixMicros(record_micros);
       const std::int64_t call_micros = absl::ToUnixMicros(FromProto(r.time()));
       const std::int64_t latency_us = absl::ToInt64Microseconds(FromProto(r.latency()));
-      record_rows.push_back(RecordRow(r, seq, record_micros));
-      id_rows.push_back({SqlCell(r.request_id()), SqlCell(seq), SqlCell(record_micros),
-                         SqlCell(records[i].content_hash)});
       RollupKey key{HourOf(FromProto(r.time())),
                     r.provider(),
                     r.model(),
@@ -439,30 +424,19 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
       charges.push_back(Charge{FromProto(r.time()), r.user(), r.access_key(), r.provider(),
                                r.model(), r.reservation(), r.cost_nanos()});
     }
-    if (absl::Status s =
-            InsertRows(tx, postgres_,
-                       "INSERT INTO usage_request_ids (request_id, seq, record_time, content_hash)",
-                       "tiit", id_rows, "");
-        !s.ok()) {
-      return s;
-    }
-    if (absl::Status s = InsertRows(tx, postgres_, kInsertRecords, kRecordTypes, record_rows, "");
-        !s.ok())
-      return s;
-
-    // 4. Rollups (sorted keys: concurrent writers lock rows in one order).
     std::vector<SqlRow> rollup_rows;
     rollup_rows.reserve(rollups.size());
     for (const auto& [k, t] : rollups) {
-      rollup_rows.push_back({SqlCell(std::get<0>(k)), SqlCell(std::get<1>(k)),
-                             SqlCell(std::get<2>(k)), SqlCell(std::get<3>(k)),
-                             SqlCell(std::get<4>(k)), SqlCell(std::get<5>(k)), SqlCell(t.requests),
-                             SqlCell(t.errors), SqlCell(t.cancelled), SqlCell(t.input),
-                             SqlCell(t.output), SqlCell(t.cache_read), SqlCell(t.cache_write),
-                             SqlCell(t.reasoning), SqlCell(t.cost), SqlCell(t.unpriced),
-                             SqlCell(t.latency_sum), SqlCell(t.ttft_sum), SqlCell(t.ttft_count)});
+      rollup_rows.push_back(
+          {SqlCell(std::get<0>(k)), SqlCell(std::get<1>(k)), SqlCell(std::get<2>(k)),
+           SqlCell(std::get<3>(k)), SqlCell(std::get<4>(k)), SqlCell(std::get<5>(k)),
+           SqlCell(t.requests),     SqlCell(t.errors),       SqlCell(t.cancelled),
+           SqlCell(t.input),        SqlCell(t.output),       SqlCell(t.cache_read),
+           SqlCell(t.cache_write),  SqlCell(t.reasoning),    SqlCell(t.cost),
+           SqlCell(t.unpriced),     SqlCell(t.latency_sum),  SqlCell(t.ttft_sum),
+           SqlCell(t.ttft_count),   SqlCell(lane64)});
     }
-    if (absl::Status s = InsertRows(tx, postgres_, kInsertRollups, "itttttiiiiiiiiiiiii",
+    if (absl::Status s = InsertRows(tx, postgres_, kInsertRollups, "itttttiiiiiiiiiiiiii",
                                     rollup_rows, kRollupConflict);
         !s.ok()) {
       return s;
@@ -473,38 +447,76 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
       latency_rows.push_back({SqlCell(std::get<0>(r)), SqlCell(std::get<1>(r)),
                               SqlCell(std::get<2>(r)), SqlCell(std::get<3>(r)),
                               SqlCell(std::get<4>(r)), SqlCell(std::get<5>(r)),
-                              SqlCell(std::int64_t{k.second}), SqlCell(count)});
+                              SqlCell(std::int64_t{k.second}), SqlCell(count), SqlCell(lane64)});
     }
     if (absl::Status s =
-            InsertRows(tx, postgres_, kInsertLatency, "itttttii", latency_rows, kLatencyConflict);
+            InsertRows(tx, postgres_, kInsertLatency, "itttttiii", latency_rows, kLatencyConflict);
         !s.ok()) {
       return s;
     }
-    // 5. Provider-key counters and access keys' last use.
     std::vector<SqlRow> key_rows;
     key_rows.reserve(key_days.size());
     for (const auto& [k, t] : key_days) {
       key_rows.push_back({SqlCell(k.first), SqlCell(k.second), SqlCell(t.requests),
-                          SqlCell(t.input), SqlCell(t.cost)});
+                          SqlCell(t.input), SqlCell(t.cost), SqlCell(lane64)});
     }
     if (absl::Status s =
-            InsertRows(tx, postgres_, kInsertKeyRecorded, "ttiii", key_rows, kKeyRecordedConflict);
+            InsertRows(tx, postgres_, kInsertKeyRecorded, "ttiiii", key_rows, kKeyRecordedConflict);
         !s.ok()) {
       return s;
     }
     for (const auto& [name, micros] : access_last_used) {
+      // Stored to the second: a key's row is written (and locked) at most
+      // once a second, not by every batch of every writer.
+      if (!AdvanceLastUse(name, micros)) continue;
       absl::StatusOr<std::int64_t> n = tx.Exec(
           "UPDATE access_keys SET last_used_time = :p0 WHERE name = :p1 AND "
           "(last_used_time IS NULL OR last_used_time < :p0)",
           {SqlCell(micros), SqlCell(name)});
       if (!n.ok()) return n.status();
     }
-    // 6. Budgets: spend, settlement of reservations, alerts.
-    return budgets_.Apply(tx, charges, &raised);
+    if (absl::Status s = budgets_.Apply(tx, charges, &raised); !s.ok()) return s;
+
+    // 3. Sequence numbers, last: the usage_feed row stays locked until
+    // commit, so batches commit in seq order on every engine and replica,
+    // and concurrent writers wait for each other only for the records' COPY
+    // and the commit.
+    absl::StatusOr<std::int64_t> bumped =
+        tx.Exec("UPDATE usage_feed SET last_seq = last_seq + :p0 WHERE id = 1",
+                {SqlCell(static_cast<std::int64_t>(fresh.size()))});
+    if (!bumped.ok()) return bumped.status();
+    absl::StatusOr<std::vector<SqlRow>> head =
+        tx.Query("SELECT last_seq FROM usage_feed WHERE id = 1", {}, {storage::SqlType::kInt64});
+    if (!head.ok()) return head.status();
+    if (head->empty()) return absl::InternalError("the usage feed row is missing");
+    std::int64_t seq = storage::CellInt(head->front()[0]) - static_cast<std::int64_t>(fresh.size());
+
+    // 4. The records and their request_ids.
+    std::vector<SqlRow> record_rows;
+    std::vector<SqlRow> id_rows;
+    record_rows.reserve(fresh.size());
+    id_rows.reserve(fresh.size());
+    for (size_t i : fresh) {
+      const v1::UsageRecord& r = records[i].record;
+      outcomes[i].seq = ++seq;
+      outcomes[i].record_time = absl::FromUnixMicros(record_micros);
+      record_rows.push_back(RecordRow(r, seq, record_micros));
+      id_rows.push_back({SqlCell(r.request_id()), SqlCell(seq), SqlCell(record_micros),
+                         SqlCell(records[i].content_hash)});
+    }
+    if (absl::Status s =
+            tx.CopyRows("usage_request_ids", "request_id, seq, record_time, content_hash", id_rows);
+        !s.ok()) {
+      return s;
+    }
+    if (absl::Status s = tx.CopyRows("usage_records", kRecordColumns, record_rows); !s.ok()) {
+      return s;
+    }
+    return absl::OkStatus();
   });
   if (!status.ok()) {
     // Two writers raced on a request_id: the retry sees the committed one.
-    if (absl::IsAlreadyExists(status)) return Write(records, alerts);
+    if (absl::IsAlreadyExists(status)) return Write(records, alerts, lane);
     return status;
   }
   // Repeats inside the batch point at their first occurrence's seq.
@@ -515,6 +527,15 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     for (auto& change : raised) alerts->push_back(std::move(change));
   }
   return outcomes;
+}
+
+bool UsageLedger::AdvanceLastUse(const std::string& access_key, std::int64_t micros) {
+  constexpr std::int64_t kSecond = 1'000'000;
+  std::lock_guard lock(last_use_mu_);
+  std::int64_t& written = last_use_written_[access_key];
+  if (written != 0 && micros < written + kSecond) return false;
+  written = std::max(written, micros);
+  return true;
 }
 
 absl::Status UsageLedger::EnsurePartitions(absl::Time from, absl::Time to) {

@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -68,8 +69,11 @@ class UsageLedger final {
 
   // Stores a batch in one transaction. Outcomes are parallel to `records`;
   // `alerts` receives budget alerts raised (to publish after commit).
+  // Concurrent writers pass distinct `lane`s: the aggregate rows they add
+  // to are per lane, so they do not wait for each other's commits.
   absl::StatusOr<std::vector<RecordOutcome>> Write(const std::vector<PreparedRecord>& records,
-                                                   std::vector<storage::ChangeRecord>* alerts);
+                                                   std::vector<storage::ChangeRecord>* alerts,
+                                                   int lane = 0);
 
   // Records with seq > after (at most `limit`), in seq order; `last_seq`
   // receives the committed head of the stream (same snapshot).
@@ -95,6 +99,9 @@ class UsageLedger final {
 
  private:
   absl::Status EnsurePartitions(absl::Time from, absl::Time to);
+  // Whether `access_key`'s last use should be written for a call at
+  // `micros`: its first, then at most one a second (later calls only).
+  bool AdvanceLastUse(const std::string& access_key, std::int64_t micros);
 
   storage::Datastore& datastore_;
   CatalogCache& catalog_;
@@ -104,6 +111,9 @@ class UsageLedger final {
   const bool postgres_;
   std::mutex partitions_mu_;
   absl::flat_hash_set<std::int64_t> partitions_;  // days known to exist; guarded
+  std::mutex last_use_mu_;
+  // Per access key, the newest last use written by this ledger; guarded.
+  absl::flat_hash_map<std::string, std::int64_t> last_use_written_;
 };
 
 }  // namespace modelvault::server

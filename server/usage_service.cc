@@ -1,5 +1,6 @@
 #include "server/usage_service.h"
 
+#include <atomic>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -32,7 +33,7 @@ class IngestReactor final
     : public grpc::ServerBidiReactor<v1::IngestUsageRequest, v1::IngestUsageResponse> {
  public:
   IngestReactor(UsageLedger& ledger, UsageWriter& writer, absl::StatusOr<Caller> caller)
-      : ledger_(ledger), writer_(writer) {
+      : ledger_(ledger), writer_(writer), order_key_(NextOrderKey()) {
     if (!caller.ok()) {
       Finish(ToGrpcStatus(caller.status()));
       return;
@@ -66,6 +67,12 @@ class IngestReactor final
   void OnDone() override { delete this; }
 
  private:
+  // A stream's batches commit in the order they were sent.
+  static std::uint64_t NextOrderKey() {
+    static std::atomic<std::uint64_t> next{1};
+    return next.fetch_add(1, std::memory_order_relaxed);
+  }
+
   void Submit() {
     {
       // Checked and counted at once: a failing batch finishing the stream in
@@ -107,12 +114,13 @@ class IngestReactor final
         r->set_description(violations.front().description);
       }
     }
-    const bool queued =
-        writer_.Submit(std::move(prepared),
-                       [this, ack = std::move(ack), index = std::move(index), ids = std::move(ids)](
-                           absl::StatusOr<std::vector<RecordOutcome>> outcomes) mutable {
-                         Completed(std::move(ack), index, ids, std::move(outcomes));
-                       });
+    const bool queued = writer_.Submit(
+        std::move(prepared),
+        [this, ack = std::move(ack), index = std::move(index),
+         ids = std::move(ids)](absl::StatusOr<std::vector<RecordOutcome>> outcomes) mutable {
+          Completed(std::move(ack), index, ids, std::move(outcomes));
+        },
+        order_key_);
     if (!queued) {
       Completed(v1::IngestUsageResponse(), {}, {},
                 absl::ResourceExhaustedError(
@@ -195,6 +203,7 @@ class IngestReactor final
 
   UsageLedger& ledger_;
   UsageWriter& writer_;
+  const std::uint64_t order_key_;
   std::string principal_;
   v1::IngestUsageRequest request_;
   std::mutex mu_;

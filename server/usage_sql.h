@@ -15,15 +15,6 @@ inline constexpr char kRecordColumns[] =
     "cache_write_tokens, reasoning_tokens, latency_us, ttft_us, status, error_class, cost_nanos, "
     "priced, price_effective_time, reported_cost_nanos, reservation";
 
-inline constexpr char kInsertRecords[] =
-    "INSERT INTO usage_records (seq, record_time, call_time, request_id, provider, model, "
-    "provider_key, access_key, user_id, conversation, message, input_tokens, output_tokens, "
-    "cache_read_tokens, cache_write_tokens, reasoning_tokens, latency_us, ttft_us, status, "
-    "error_class, cost_nanos, priced, price_effective_time, reported_cost_nanos, reservation)";
-
-// Column types of kInsertRecords: 'i' BIGINT, 't' TEXT.
-inline constexpr char kRecordTypes[] = "iiittttttttiiiiiiittiiiit";
-
 inline constexpr char kSelectRecords[] =
     "SELECT seq, record_time, call_time, request_id, provider, model, provider_key, access_key, "
     "user_id, conversation, message, input_tokens, output_tokens, cache_read_tokens, "
@@ -37,10 +28,10 @@ inline constexpr char kInsertRollups[] =
     "INSERT INTO usage_rollups (bucket, provider, model, provider_key, access_key, user_id, "
     "requests, errors, cancelled, input_tokens, output_tokens, cache_read_tokens, "
     "cache_write_tokens, reasoning_tokens, cost_nanos, unpriced, latency_sum_us, ttft_sum_us, "
-    "ttft_count)";
+    "ttft_count, lane)";
 // Rollups add up: every column is a sum.
 inline constexpr char kRollupConflict[] =
-    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id) DO UPDATE SET "
+    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id, lane) DO UPDATE SET "
     "requests = usage_rollups.requests + excluded.requests, "
     "errors = usage_rollups.errors + excluded.errors, "
     "cancelled = usage_rollups.cancelled + excluded.cancelled, "
@@ -57,22 +48,23 @@ inline constexpr char kRollupConflict[] =
 
 inline constexpr char kInsertLatency[] =
     "INSERT INTO usage_latency (bucket, provider, model, provider_key, access_key, user_id, slot, "
-    "count)";
+    "count, lane)";
 inline constexpr char kLatencyConflict[] =
-    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id, slot) DO UPDATE "
+    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id, slot, lane) DO "
+    "UPDATE "
     "SET count = usage_latency.count + excluded.count";
 
 inline constexpr char kInsertKeyRecorded[] =
-    "INSERT INTO provider_key_recorded (key_name, day, requests, tokens, cost_nanos)";
+    "INSERT INTO provider_key_recorded (key_name, day, requests, tokens, cost_nanos, lane)";
 inline constexpr char kKeyRecordedConflict[] =
-    " ON CONFLICT (key_name, day) DO UPDATE SET "
+    " ON CONFLICT (key_name, day, lane) DO UPDATE SET "
     "requests = provider_key_recorded.requests + excluded.requests, "
     "tokens = provider_key_recorded.tokens + excluded.tokens, "
     "cost_nanos = provider_key_recorded.cost_nanos + excluded.cost_nanos";
 
 // Column types of kSelectRecords.
 const std::vector<storage::SqlType>& RecordColumns();
-// The cells of kInsertRecords for one record.
+// The cells of kRecordColumns for one record.
 storage::SqlRow RecordRow(const v1::UsageRecord& record, std::int64_t seq,
                           std::int64_t record_micros);
 // A row of kSelectRecords as a record (with its cursor).

@@ -140,6 +140,11 @@ class ReadWriteTx : public Reader {
   // returns the number of rows affected.
   virtual absl::StatusOr<std::int64_t> Exec(absl::string_view sql,
                                             const std::vector<SqlCell>& params) = 0;
+  // Inserts many rows into `table`, in bulk: `columns` names them ("a, b"),
+  // and every row has one cell per column. COPY on PostgreSQL, one prepared
+  // statement reused for every row on SQLite. ALREADY_EXISTS on a duplicate key.
+  virtual absl::Status CopyRows(absl::string_view table, absl::string_view columns,
+                                const std::vector<SqlRow>& rows) = 0;
 };
 
 // Capabilities that differ between engines (named so tests can skip by name).

@@ -1,4 +1,6 @@
+#include <memory>
 #include <string>
+#include <variant>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -11,6 +13,53 @@ namespace {
 // Arbitrary constants naming modelvault's advisory locks.
 constexpr long long kChangeFeedLock = 0x6d76'0001;  // "mv" 1
 constexpr long long kMigrationLock = 0x6d76'0002;   // "mv" 2
+
+struct ResultDeleter {
+  void operator()(PGresult* result) const { PQclear(result); }
+};
+using Result = std::unique_ptr<PGresult, ResultDeleter>;
+
+[[noreturn]] void ThrowResult(const PGresult* result, PGconn* conn) {
+  const char* state = result != nullptr ? PQresultErrorField(result, PG_DIAG_SQLSTATE) : nullptr;
+  // No SQLSTATE: the connection failed (class 08 maps to UNAVAILABLE).
+  throw soci::postgresql_soci_error(
+      result != nullptr ? PQresultErrorMessage(result) : PQerrorMessage(conn),
+      state != nullptr ? state : "08006");
+}
+
+// One row in COPY's text format: tab-separated, \N for NULL, with
+// backslash, tab, newline and carriage return escaped.
+void AppendCopyRow(std::string& out, const SqlRow& row) {
+  for (size_t i = 0; i < row.size(); ++i) {
+    if (i > 0) out.push_back('\t');
+    const SqlCell& cell = row[i];
+    if (!cell.has_value()) {
+      out.append("\\N");
+    } else if (const auto* n = std::get_if<std::int64_t>(&*cell)) {
+      absl::StrAppend(&out, *n);
+    } else {
+      for (const char c : std::get<std::string>(*cell)) {
+        switch (c) {
+          case '\\':
+            out.append("\\\\");
+            break;
+          case '\t':
+            out.append("\\t");
+            break;
+          case '\n':
+            out.append("\\n");
+            break;
+          case '\r':
+            out.append("\\r");
+            break;
+          default:
+            out.push_back(c);
+        }
+      }
+    }
+  }
+  out.push_back('\n');
+}
 
 class PostgresDialect final : public Dialect {
  public:
@@ -41,6 +90,31 @@ class PostgresDialect final : public Dialect {
   }
   void UnlockMigrations(soci::session& session) const override {
     session << "SELECT pg_advisory_unlock(" << kMigrationLock << ")";
+  }
+  void CopyRows(soci::session& session, absl::string_view table, absl::string_view columns,
+                const std::vector<SqlRow>& rows) const override {
+    PGconn* conn = static_cast<soci::postgresql_session_backend*>(session.get_backend())->conn_;
+    Result start(PQexec(conn, absl::StrCat("COPY ", table, " (", columns, ") FROM STDIN").c_str()));
+    if (PQresultStatus(start.get()) != PGRES_COPY_IN) ThrowResult(start.get(), conn);
+    constexpr size_t kChunk = size_t{256} * 1024;
+    std::string buffer;
+    buffer.reserve(kChunk + 4096);
+    bool sent = true;
+    for (size_t r = 0; r < rows.size() && sent; ++r) {
+      AppendCopyRow(buffer, rows[r]);
+      if (buffer.size() >= kChunk || r + 1 == rows.size()) {
+        sent = PQputCopyData(conn, buffer.data(), static_cast<int>(buffer.size())) == 1;
+        buffer.clear();
+      }
+    }
+    // Ending the COPY (or aborting it after a failed send) yields its result;
+    // every result is read so that the connection can roll back.
+    PQputCopyEnd(conn, sent ? nullptr : "the client failed to send the rows");
+    Result end(PQgetResult(conn));
+    while (PGresult* extra = PQgetResult(conn)) PQclear(extra);
+    if (end == nullptr || PQresultStatus(end.get()) != PGRES_COMMAND_OK) {
+      ThrowResult(end.get(), conn);
+    }
   }
   std::string TableExistsQuery() const override {
     return "SELECT COUNT(*) FROM information_schema.tables "

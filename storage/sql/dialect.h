@@ -2,6 +2,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -36,6 +37,10 @@ class Dialect {
   // Session-wide lock held while migrating (many replicas may start at once).
   virtual void LockMigrations(soci::session& session) const = 0;
   virtual void UnlockMigrations(soci::session& session) const = 0;
+  // Bulk insert behind ReadWriteTx::CopyRows, through the driver's native
+  // connection (SOCI has no COPY); throws soci errors like SOCI does.
+  virtual void CopyRows(soci::session& session, absl::string_view table, absl::string_view columns,
+                        const std::vector<SqlRow>& rows) const = 0;
   // Table existence check, for the migration runner.
   virtual std::string TableExistsQuery() const = 0;
   // Maps a driver error to a status: constraint kinds, conflicts (ABORTED),

@@ -332,6 +332,16 @@ class SqlTx final : public ReadWriteTx {
     });
   }
 
+  absl::Status CopyRows(absl::string_view table, absl::string_view columns,
+                        const std::vector<SqlRow>& rows) override {
+    if (rows.empty()) return absl::OkStatus();
+    return Guard<bool>([&]() -> absl::StatusOr<bool> {
+             dialect_.CopyRows(session_, table, columns, rows);
+             return true;
+           })
+        .status();
+  }
+
   bool broken() const { return broken_; }
 
   absl::Status Ping() {

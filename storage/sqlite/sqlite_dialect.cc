@@ -1,4 +1,6 @@
+#include <memory>
 #include <string>
+#include <variant>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -13,6 +15,16 @@ constexpr int kSqliteBusy = 5;
 constexpr int kSqliteLocked = 6;
 constexpr int kSqliteConstraint = 19;
 constexpr int kSqliteCantOpen = 14;
+
+struct StatementDeleter {
+  void operator()(sqlite_api::sqlite3_stmt* statement) const {
+    sqlite_api::sqlite3_finalize(statement);
+  }
+};
+
+[[noreturn]] void ThrowSqlite(sqlite_api::sqlite3* db, int code) {
+  throw soci::sqlite3_soci_error(sqlite_api::sqlite3_errmsg(db), code);
+}
 
 class SqliteDialect final : public Dialect {
  public:
@@ -44,6 +56,40 @@ class SqliteDialect final : public Dialect {
     session << "COMMIT";
   }
   void UnlockMigrations(soci::session& /*session*/) const override {}
+  void CopyRows(soci::session& session, absl::string_view table, absl::string_view columns,
+                const std::vector<SqlRow>& rows) const override {
+    sqlite_api::sqlite3* db =
+        static_cast<soci::sqlite3_session_backend*>(session.get_backend())->conn_;
+    const size_t width = rows.front().size();
+    std::string sql = absl::StrCat("INSERT INTO ", table, " (", columns, ") VALUES (");
+    for (size_t i = 0; i < width; ++i) sql.append(i == 0 ? "?" : ", ?");
+    sql.push_back(')');
+    sqlite_api::sqlite3_stmt* raw = nullptr;
+    int code = sqlite_api::sqlite3_prepare_v2(db, sql.c_str(), static_cast<int>(sql.size()), &raw,
+                                              nullptr);
+    std::unique_ptr<sqlite_api::sqlite3_stmt, StatementDeleter> statement(raw);
+    if (code != SQLITE_OK) ThrowSqlite(db, code);
+    for (const SqlRow& row : rows) {
+      for (size_t i = 0; i < width; ++i) {
+        const int index = static_cast<int>(i) + 1;
+        const SqlCell& cell = row[i];
+        if (!cell.has_value()) {
+          code = sqlite_api::sqlite3_bind_null(raw, index);
+        } else if (const auto* n = std::get_if<std::int64_t>(&*cell)) {
+          code = sqlite_api::sqlite3_bind_int64(raw, index, *n);
+        } else {
+          const auto& text = std::get<std::string>(*cell);
+          // The row outlives the step: no copy.
+          code = sqlite_api::sqlite3_bind_text(raw, index, text.data(),
+                                               static_cast<int>(text.size()), SQLITE_STATIC);
+        }
+        if (code != SQLITE_OK) ThrowSqlite(db, code);
+      }
+      code = sqlite_api::sqlite3_step(raw);
+      if (code != SQLITE_DONE) ThrowSqlite(db, sqlite_api::sqlite3_extended_errcode(db));
+      sqlite_api::sqlite3_reset(raw);
+    }
+  }
   std::string TableExistsQuery() const override {
     return "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name = :t";
   }

@@ -35,6 +35,7 @@
 namespace modelvault::conformance {
 namespace {
 
+using ::modelvault::storage::CellText;
 using ::modelvault::storage::ChangeRecord;
 using ::modelvault::storage::Datastore;
 using ::modelvault::storage::DatastoreOptions;
@@ -45,6 +46,9 @@ using ::modelvault::storage::Reader;
 using ::modelvault::storage::ReadWriteTx;
 using ::modelvault::storage::ResourceSchema;
 using ::modelvault::storage::SchemaRegistry;
+using ::modelvault::storage::SqlCell;
+using ::modelvault::storage::SqlRow;
+using ::modelvault::storage::SqlType;
 using ::modelvault::storage::StoredResource;
 using ::modelvault::v1::Model;
 using ::modelvault::v1::ModelFamily;
@@ -383,6 +387,53 @@ TEST_P(DatastoreTest, InsertDuplicateIsAlreadyExistsAndKeepsTheOriginal) {
   ASSERT_TRUE(got.ok()) << got.status();
   EXPECT_EQ(got->revision, 1);
   EXPECT_THAT(*got->message, EqualsProto(original));
+}
+
+// The bulk path: text that needs escaping in COPY's format, NULLs and large numbers come
+// back exactly; a duplicate key anywhere in the rows is ALREADY_EXISTS and the
+// transaction writes nothing.
+TEST_P(DatastoreTest, CopyRowsStoresEveryValueAndADuplicateWritesNothing) {
+  const std::string text = "tab\t newline\n return\r backslash\\ \\N quote\" ünï";
+  std::vector<SqlRow> rows;
+  for (int i = 0; i < 2500; ++i) {
+    rows.push_back({SqlCell(absl::StrCat("copy-", i)), SqlCell(std::int64_t{i}),
+                    SqlCell(std::int64_t{9'000'000'000'000'000'000LL - i}),
+                    i % 2 == 0 ? SqlCell(text) : SqlCell(absl::StrCat("h", i))});
+  }
+  ASSERT_TRUE(Write([&](ReadWriteTx& tx) {
+                return tx.CopyRows("usage_request_ids",
+                                   "request_id, seq, record_time, content_hash", rows);
+              }).ok());
+  EXPECT_EQ(QueryInt("SELECT COUNT(*) FROM usage_request_ids").value_or(-1), 2500);
+  EXPECT_EQ(QueryInt("SELECT record_time FROM usage_request_ids WHERE request_id = 'copy-7'")
+                .value_or(-1),
+            9'000'000'000'000'000'000LL - 7);
+  absl::StatusOr<std::vector<SqlRow>> stored;
+  ASSERT_TRUE(ds_->Read([&](Reader& reader) {
+                   stored = reader.Query(
+                       "SELECT content_hash FROM usage_request_ids WHERE request_id = 'copy-42'",
+                       {}, {SqlType::kText});
+                   return stored.status();
+                 })
+                  .ok());
+  ASSERT_EQ(stored->size(), 1u);
+  EXPECT_EQ(CellText(stored->front()[0]), text);
+
+  std::vector<SqlRow> again = {{SqlCell(std::string("copy-new")), SqlCell(std::int64_t{1}),
+                                SqlCell(std::int64_t{1}), SqlCell(std::string("h"))},
+                               {SqlCell(std::string("copy-99")), SqlCell(std::int64_t{1}),
+                                SqlCell(std::int64_t{1}), SqlCell(std::string("h"))}};
+  absl::Status duplicate = Write([&](ReadWriteTx& tx) {
+    return tx.CopyRows("usage_request_ids", "request_id, seq, record_time, content_hash", again);
+  });
+  EXPECT_EQ(duplicate.code(), absl::StatusCode::kAlreadyExists) << duplicate;
+  EXPECT_EQ(QueryInt("SELECT COUNT(*) FROM usage_request_ids").value_or(-1), 2500);
+  // The session is usable afterwards.
+  EXPECT_TRUE(Write([&](ReadWriteTx& tx) {
+                return tx.CopyRows("usage_request_ids",
+                                   "request_id, seq, record_time, content_hash", {again[0]});
+              }).ok());
+  EXPECT_EQ(QueryInt("SELECT COUNT(*) FROM usage_request_ids").value_or(-1), 2501);
 }
 
 TEST_P(DatastoreTest, InsertWithAnInvalidNameIsInvalidArgument) {

@@ -28,6 +28,7 @@
 #include "server/cursor.h"
 #include "server/proto_time.h"
 #include "server/usage_ledger.h"
+#include "server/usage_writer.h"
 #include "storage/status_details.h"
 #include "storage/storage.h"
 #include "tests/conformance/engine.h"
@@ -44,6 +45,7 @@ using ::modelvault::server::RecordOutcome;
 using ::modelvault::server::ToProto;
 using ::modelvault::server::UsageLedger;
 using ::modelvault::server::UsageLedgerOptions;
+using ::modelvault::server::UsageWriter;
 using ::modelvault::storage::Datastore;
 using ::modelvault::storage::DatastoreOptions;
 using ::modelvault::testing::FieldsOf;
@@ -202,7 +204,7 @@ TEST_P(UsageTest, CostUsesThePriceInForceAtTheCallsTime) {
 // exactly.
 TEST_P(UsageTest, EveryValueSurvivesTheBulkWriteExactly) {
   UsageRecord r = Record("json-\"quoted\"\\id", kNoon, 999'999'999'999, 0);
-  r.set_user("Zoë \"the\" \\ user\x01\t\n");
+  r.set_user("Zoë \"the\" \\ user\x01\t\r\n");
   r.set_conversation("{\"not\": [json]}");
   r.set_error_class("ünïcödé");
   r.set_reported_cost_nanos(std::numeric_limits<std::int64_t>::max());
@@ -350,7 +352,8 @@ TEST_P(UsageTest, StreamIsGapFreeUnderConcurrentWriters) {
           prepared.push_back(
               Prepare(Record(absl::StrCat("w", w, "-", b, "-", i), kNoon, 1 + random() % 100, 1)));
         }
-        absl::StatusOr<std::vector<RecordOutcome>> out = ledger_->Write(prepared, nullptr);
+        // Two writers per lane: lanes add to their own aggregate rows.
+        absl::StatusOr<std::vector<RecordOutcome>> out = ledger_->Write(prepared, nullptr, w % 2);
         if (!out.ok()) {
           ADD_FAILURE() << out.status();
           failed = true;
@@ -400,6 +403,51 @@ TEST_P(UsageTest, StreamIsGapFreeUnderConcurrentWriters) {
     }
   }
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_records"), kTotal);
+  ExpectRollupsEqualRecords();
+}
+
+// A writer with three lanes and small groups: submissions complete in submission order,
+// the batches of one order key commit in that order (rising cursors), and rollups
+// summed over lanes equal the records.
+TEST_P(UsageTest, WriterLanesCompleteInOrderAndKeepEachKeysCommitOrder) {
+  std::atomic<int> commits{0};
+  UsageWriter writer(
+      *ledger_, [&](std::vector<storage::ChangeRecord>) { ++commits; },
+      /*lanes=*/3, /*max_queued_records=*/100'000, /*max_group_records=*/20);
+  constexpr int kKeys = 4;
+  constexpr int kPerKey = 30;
+  constexpr int kRecords = 10;
+  std::mutex mu;
+  std::vector<int> completed;
+  std::map<int, std::vector<std::int64_t>> last_seq_by_key;
+  for (int i = 0; i < kKeys * kPerKey; ++i) {
+    const int key = i % kKeys;
+    std::vector<PreparedRecord> prepared;
+    for (int k = 0; k < kRecords; ++k) {
+      UsageRecord r = Record(absl::StrCat("lane-", i, "-", k), kNoon, 10 + k, 1);
+      r.set_user(absl::StrCat("user-", k % 3));
+      prepared.push_back(Prepare(r));
+    }
+    ASSERT_TRUE(writer.Submit(
+        std::move(prepared),
+        [&, i, key](absl::StatusOr<std::vector<RecordOutcome>> out) {
+          ASSERT_TRUE(out.ok()) << out.status();
+          std::lock_guard lock(mu);
+          completed.push_back(i);
+          last_seq_by_key[key].push_back(out->back().seq);
+        },
+        /*order_key=*/static_cast<std::uint64_t>(key) + 1));
+  }
+  writer.Stop();
+  ASSERT_EQ(completed.size(), static_cast<size_t>(kKeys * kPerKey));
+  for (int i = 0; i < kKeys * kPerKey; ++i) EXPECT_EQ(completed[static_cast<size_t>(i)], i);
+  for (const auto& [key, seqs] : last_seq_by_key) {
+    for (size_t b = 1; b < seqs.size(); ++b) {
+      EXPECT_GT(seqs[b], seqs[b - 1]) << "key " << key << " batch " << b;
+    }
+  }
+  EXPECT_GT(commits.load(), 1);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_records"), kKeys * kPerKey * kRecords);
   ExpectRollupsEqualRecords();
 }
 

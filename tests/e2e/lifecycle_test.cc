@@ -558,14 +558,17 @@ TEST_F(PostgresLifecycleTest, MigrateStatusAndDown) {
   EXPECT_EQ(MigrationState(applied, "0001_catalog"), "applied") << applied.output;
   EXPECT_EQ(MigrationState(applied, "0002_credentials"), "applied") << applied.output;
   EXPECT_EQ(MigrationState(applied, "0003_usage"), "applied") << applied.output;
+  EXPECT_EQ(MigrationState(applied, "0004_usage_lanes"), "applied") << applied.output;
 
   // Down reverts the newest migration only.
+  const CommandResult lanes_reverted = migrate("down");
+  EXPECT_EQ(MigrationState(lanes_reverted, "0004_usage_lanes"), "pending") << lanes_reverted.output;
+  EXPECT_EQ(MigrationState(lanes_reverted, "0003_usage"), "applied") << lanes_reverted.output;
   const CommandResult reverted = migrate("down");
   EXPECT_EQ(MigrationState(reverted, "0003_usage"), "pending") << reverted.output;
   EXPECT_EQ(MigrationState(reverted, "0002_credentials"), "applied") << reverted.output;
   const CommandResult reverted_again = migrate("down");
-  EXPECT_EQ(MigrationState(reverted_again, "0002_credentials"), "pending")
-      << reverted_again.output;
+  EXPECT_EQ(MigrationState(reverted_again, "0002_credentials"), "pending") << reverted_again.output;
   EXPECT_EQ(MigrationState(reverted_again, "0001_catalog"), "applied") << reverted_again.output;
   const CommandResult empty = migrate("down");
   EXPECT_EQ(MigrationState(empty, "0001_catalog"), "pending") << empty.output;

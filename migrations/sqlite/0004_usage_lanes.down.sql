@@ -1,0 +1,60 @@
+-- Folds the lanes of each aggregate row back into one row.
+
+CREATE TABLE usage_rollups_folded (
+  bucket INTEGER NOT NULL,
+  provider TEXT NOT NULL,
+  model TEXT NOT NULL,
+  provider_key TEXT NOT NULL,
+  access_key TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  requests INTEGER NOT NULL,
+  errors INTEGER NOT NULL,
+  cancelled INTEGER NOT NULL,
+  input_tokens INTEGER NOT NULL,
+  output_tokens INTEGER NOT NULL,
+  cache_read_tokens INTEGER NOT NULL,
+  cache_write_tokens INTEGER NOT NULL,
+  reasoning_tokens INTEGER NOT NULL,
+  cost_nanos INTEGER NOT NULL,
+  unpriced INTEGER NOT NULL,
+  latency_sum_us INTEGER NOT NULL,
+  ttft_sum_us INTEGER NOT NULL,
+  ttft_count INTEGER NOT NULL,
+  PRIMARY KEY (bucket, provider, model, provider_key, access_key, user_id)
+);
+INSERT INTO usage_rollups_folded (bucket, provider, model, provider_key, access_key, user_id, requests, errors, cancelled, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_nanos, unpriced, latency_sum_us, ttft_sum_us, ttft_count)
+  SELECT bucket, provider, model, provider_key, access_key, user_id, CAST(SUM(requests) AS BIGINT), CAST(SUM(errors) AS BIGINT), CAST(SUM(cancelled) AS BIGINT), CAST(SUM(input_tokens) AS BIGINT), CAST(SUM(output_tokens) AS BIGINT), CAST(SUM(cache_read_tokens) AS BIGINT), CAST(SUM(cache_write_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(cost_nanos) AS BIGINT), CAST(SUM(unpriced) AS BIGINT), CAST(SUM(latency_sum_us) AS BIGINT), CAST(SUM(ttft_sum_us) AS BIGINT), CAST(SUM(ttft_count) AS BIGINT)
+  FROM usage_rollups GROUP BY bucket, provider, model, provider_key, access_key, user_id;
+DROP TABLE usage_rollups;
+ALTER TABLE usage_rollups_folded RENAME TO usage_rollups;
+
+CREATE TABLE usage_latency_folded (
+  bucket INTEGER NOT NULL,
+  provider TEXT NOT NULL,
+  model TEXT NOT NULL,
+  provider_key TEXT NOT NULL,
+  access_key TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  slot INTEGER NOT NULL,
+  count INTEGER NOT NULL,
+  PRIMARY KEY (bucket, provider, model, provider_key, access_key, user_id, slot)
+);
+INSERT INTO usage_latency_folded (bucket, provider, model, provider_key, access_key, user_id, slot, count)
+  SELECT bucket, provider, model, provider_key, access_key, user_id, slot, CAST(SUM(count) AS BIGINT)
+  FROM usage_latency GROUP BY bucket, provider, model, provider_key, access_key, user_id, slot;
+DROP TABLE usage_latency;
+ALTER TABLE usage_latency_folded RENAME TO usage_latency;
+
+CREATE TABLE provider_key_recorded_folded (
+  key_name TEXT NOT NULL,
+  day TEXT NOT NULL,
+  requests INTEGER NOT NULL,
+  tokens INTEGER NOT NULL,
+  cost_nanos INTEGER NOT NULL,
+  PRIMARY KEY (key_name, day)
+);
+INSERT INTO provider_key_recorded_folded (key_name, day, requests, tokens, cost_nanos)
+  SELECT key_name, day, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(cost_nanos) AS BIGINT)
+  FROM provider_key_recorded GROUP BY key_name, day;
+DROP TABLE provider_key_recorded;
+ALTER TABLE provider_key_recorded_folded RENAME TO provider_key_recorded;
