@@ -169,9 +169,24 @@ void ChangeHub::Loop() {
       poked_ = false;
       joined.swap(pending_);
     }
-    // 1. New changes since head, to the listeners and the live sinks.
+    // 1. New changes since head, to the listeners and the live sinks. With
+    // neither, only the head moves (the usage stream is not read back just
+    // to be dropped).
     std::int64_t head = this->head();
-    while (true) {
+    const bool anyone =
+        !listeners_.empty() || std::any_of(subscriptions_.begin(), subscriptions_.end(),
+                                           [](const Subscription& s) { return s.sink != nullptr; });
+    if (!anyone) {
+      std::int64_t oldest = 0;
+      std::int64_t last = head;
+      absl::Status status = datastore_.Read(
+          [&](storage::Reader& reader) { return source_.bounds(reader, &oldest, &last); });
+      if (status.ok()) {
+        std::lock_guard lock(mu_);
+        head_ = std::max(head_, last);
+      }
+    }
+    while (anyone) {
       std::vector<storage::ChangeRecord> batch;
       absl::Status status = datastore_.Read([&](storage::Reader& reader) -> absl::Status {
         absl::StatusOr<std::vector<storage::ChangeRecord>> rows =

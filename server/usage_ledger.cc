@@ -31,6 +31,8 @@ constexpr std::int64_t kMaxTokens = 1'000'000'000'000;  // per class and call
 constexpr absl::Duration kMaxLatency = absl::Hours(24);
 constexpr absl::Duration kMaxFuture = absl::Hours(1);
 constexpr double kSlotRatio = 1.1;
+// Advisory lock of a usage writer lane (plus the lane): arbitrary, "mv" 0x10.
+constexpr std::int64_t kUsageLaneLock = 0x6d76'1000;
 // GCC's 128-bit integer; __extension__ keeps -Wpedantic quiet about it.
 __extension__ using Int128 = __int128;
 
@@ -157,6 +159,7 @@ struct Totals {
   std::int64_t requests = 0, errors = 0, cancelled = 0;
   std::int64_t input = 0, output = 0, cache_read = 0, cache_write = 0, reasoning = 0;
   std::int64_t cost = 0, unpriced = 0, latency_sum = 0, ttft_sum = 0, ttft_count = 0;
+  std::map<int, std::int64_t> slots;  // latency histogram
 };
 using RollupKey =
     std::tuple<std::int64_t, std::string, std::string, std::string, std::string, std::string>;
@@ -380,7 +383,6 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     const std::int64_t record_micros = absl::ToUnixMicros(now);
     const std::int64_t lane64 = lane;
     std::map<RollupKey, Totals> rollups;
-    std::map<std::pair<RollupKey, int>, std::int64_t> latency;
     std::map<std::pair<std::string, std::string>, Totals> key_days;
     std::map<std::string, std::int64_t> access_last_used;
     std::vector<Charge> charges;
@@ -410,7 +412,7 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
         t.ttft_sum += absl::ToInt64Microseconds(FromProto(r.time_to_first_token()));
         t.ttft_count += 1;
       }
-      latency[{key, LatencySlot(latency_us)}] += 1;
+      t.slots[LatencySlot(latency_us)] += 1;
       if (!r.provider_key().empty()) {
         Totals& k = key_days[{r.provider_key(), absl::FormatTime("%Y-%m-%d", FromProto(r.time()),
                                                                  options_.key_time_zone)}];
@@ -424,6 +426,47 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
       charges.push_back(Charge{FromProto(r.time()), r.user(), r.access_key(), r.provider(),
                                r.model(), r.reservation(), r.cost_nanos()});
     }
+    // The stored histograms of these rollup rows, merged into the batch's.
+    // Every writer of a lane's rows holds the lane's lock (PostgreSQL; SQLite
+    // has one writer), so nothing changes them between this read and the upsert.
+    if (postgres_) {
+      absl::StatusOr<std::vector<SqlRow>> locked =
+          tx.Query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(:p0)) AS l",
+                   {SqlCell(kUsageLaneLock + lane64)}, {storage::SqlType::kInt64});
+      if (!locked.ok()) return locked.status();
+    }
+    {
+      std::vector<SqlRow> keys;
+      keys.reserve(rollups.size());
+      for (const auto& [k, t] : rollups) {
+        keys.push_back({SqlCell(std::get<0>(k)), SqlCell(std::get<1>(k)), SqlCell(std::get<2>(k)),
+                        SqlCell(std::get<3>(k)), SqlCell(std::get<4>(k)), SqlCell(std::get<5>(k))});
+      }
+      const std::string sql = absl::StrCat(
+          "SELECT bucket, provider, model, provider_key, access_key, user_id, latency_histogram "
+          "FROM usage_rollups WHERE lane = :p1 AND (bucket, provider, model, provider_key, "
+          "access_key, user_id) IN ",
+          postgres_ ? "(SELECT (t.j->>0)::BIGINT, t.j->>1, t.j->>2, t.j->>3, t.j->>4, t.j->>5 "
+                      "FROM jsonb_array_elements(CAST(:p0 AS jsonb)) AS t(j))"
+                    : "(SELECT t.value->>0, t.value->>1, t.value->>2, t.value->>3, t.value->>4, "
+                      "t.value->>5 FROM json_each(:p0) AS t)");
+      absl::StatusOr<std::vector<SqlRow>> stored =
+          tx.Query(sql, {SqlCell(RowsJson(keys, 0, keys.size())), SqlCell(lane64)},
+                   {storage::SqlType::kInt64, storage::SqlType::kText, storage::SqlType::kText,
+                    storage::SqlType::kText, storage::SqlType::kText, storage::SqlType::kText,
+                    storage::SqlType::kText});
+      if (!stored.ok()) return stored.status();
+      for (const SqlRow& row : *stored) {
+        RollupKey key{storage::CellInt(row[0]),  storage::CellText(row[1]),
+                      storage::CellText(row[2]), storage::CellText(row[3]),
+                      storage::CellText(row[4]), storage::CellText(row[5])};
+        auto it = rollups.find(key);
+        if (it == rollups.end()) continue;
+        if (!AddHistogram(storage::CellText(row[6]), it->second.slots)) {
+          return absl::DataLossError("a stored latency histogram is malformed");
+        }
+      }
+    }
     std::vector<SqlRow> rollup_rows;
     rollup_rows.reserve(rollups.size());
     for (const auto& [k, t] : rollups) {
@@ -434,23 +477,10 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
            SqlCell(t.input),        SqlCell(t.output),       SqlCell(t.cache_read),
            SqlCell(t.cache_write),  SqlCell(t.reasoning),    SqlCell(t.cost),
            SqlCell(t.unpriced),     SqlCell(t.latency_sum),  SqlCell(t.ttft_sum),
-           SqlCell(t.ttft_count),   SqlCell(lane64)});
+           SqlCell(t.ttft_count),   SqlCell(lane64),         SqlCell(EncodeHistogram(t.slots))});
     }
-    if (absl::Status s = InsertRows(tx, postgres_, kInsertRollups, "itttttiiiiiiiiiiiiii",
+    if (absl::Status s = InsertRows(tx, postgres_, kInsertRollups, "itttttiiiiiiiiiiiiiit",
                                     rollup_rows, kRollupConflict);
-        !s.ok()) {
-      return s;
-    }
-    std::vector<SqlRow> latency_rows;
-    for (const auto& [k, count] : latency) {
-      const RollupKey& r = k.first;
-      latency_rows.push_back({SqlCell(std::get<0>(r)), SqlCell(std::get<1>(r)),
-                              SqlCell(std::get<2>(r)), SqlCell(std::get<3>(r)),
-                              SqlCell(std::get<4>(r)), SqlCell(std::get<5>(r)),
-                              SqlCell(std::int64_t{k.second}), SqlCell(count), SqlCell(lane64)});
-    }
-    if (absl::Status s =
-            InsertRows(tx, postgres_, kInsertLatency, "itttttiii", latency_rows, kLatencyConflict);
         !s.ok()) {
       return s;
     }

@@ -255,13 +255,13 @@ absl::Status UsageLedger::Query(const v1::QueryUsageRequest& request,
       "WHERE ",
       where_sql, " GROUP BY ", group);
   const std::string latency_sql =
-      absl::StrCat("SELECT ", group, ", slot, SUM(count) FROM usage_latency WHERE ", where_sql,
-                   " GROUP BY ", group, ", slot");
+      absl::StrCat("SELECT ", group, ", latency_histogram FROM usage_rollups WHERE ", where_sql,
+                   " AND latency_histogram <> '{}'");
   std::vector<SqlType> totals_columns(1 + dims.size(), SqlType::kText);
   totals_columns[0] = SqlType::kInt64;
   std::vector<SqlType> latency_columns = totals_columns;
   totals_columns.insert(totals_columns.end(), 13, SqlType::kInt64);
-  latency_columns.insert(latency_columns.end(), 2, SqlType::kInt64);
+  latency_columns.push_back(SqlType::kText);
 
   // Group key: bucket start, then the chosen dimensions' values.
   using Key = std::pair<std::int64_t, std::vector<std::string>>;
@@ -290,8 +290,9 @@ absl::Status UsageLedger::Query(const v1::QueryUsageRequest& request,
     absl::StatusOr<std::vector<SqlRow>> slots = reader.Query(latency_sql, params, latency_columns);
     if (!slots.ok()) return slots.status();
     for (const SqlRow& row : *slots) {
-      const size_t c = 1 + dims.size();
-      groups[key_of(row)].histogram[static_cast<int>(CellInt(row[c]))] += CellInt(row[c + 1]);
+      if (!AddHistogram(CellText(row[1 + dims.size()]), groups[key_of(row)].histogram)) {
+        return absl::DataLossError("a stored latency histogram is malformed");
+      }
     }
     return absl::OkStatus();
   });

@@ -1,5 +1,9 @@
 #include "server/usage_sql.h"
 
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "absl/time/time.h"
 #include "server/cursor.h"
 #include "server/proto_time.h"
@@ -52,6 +56,34 @@ storage::SqlRow RecordRow(const v1::UsageRecord& r, std::int64_t seq, std::int64
               : SqlCell(),
           r.has_reported_cost_nanos() ? SqlCell(r.reported_cost_nanos()) : SqlCell(),
           SqlCell(r.reservation())};
+}
+
+std::string EncodeHistogram(const std::map<int, std::int64_t>& slots) {
+  std::string out = "{";
+  for (const auto& [slot, count] : slots) {
+    if (out.size() > 1) out.push_back(',');
+    absl::StrAppend(&out, "\"", slot, "\":", count);
+  }
+  out.push_back('}');
+  return out;
+}
+
+bool AddHistogram(absl::string_view text, std::map<int, std::int64_t>& slots) {
+  // Exactly the shape EncodeHistogram writes (and the migrations build).
+  if (!absl::ConsumePrefix(&text, "{") || !absl::ConsumeSuffix(&text, "}")) return false;
+  if (text.empty()) return true;
+  for (absl::string_view entry : absl::StrSplit(text, ',')) {
+    const size_t colon = entry.find(':');
+    int slot = 0;
+    std::int64_t count = 0;
+    if (colon == absl::string_view::npos || entry.size() < 4 || entry.front() != '"' ||
+        entry[colon - 1] != '"' || !absl::SimpleAtoi(entry.substr(1, colon - 2), &slot) ||
+        !absl::SimpleAtoi(entry.substr(colon + 1), &count)) {
+      return false;
+    }
+    slots[slot] += count;
+  }
+  return true;
 }
 
 v1::UsageRecord DecodeRecord(const storage::SqlRow& row) {

@@ -1,8 +1,11 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
+#include <string>
 #include <vector>
 
+#include "absl/strings/string_view.h"
 #include "modelvault/v1/usage.pb.h"
 #include "storage/storage.h"
 
@@ -28,8 +31,8 @@ inline constexpr char kInsertRollups[] =
     "INSERT INTO usage_rollups (bucket, provider, model, provider_key, access_key, user_id, "
     "requests, errors, cancelled, input_tokens, output_tokens, cache_read_tokens, "
     "cache_write_tokens, reasoning_tokens, cost_nanos, unpriced, latency_sum_us, ttft_sum_us, "
-    "ttft_count, lane)";
-// Rollups add up: every column is a sum.
+    "ttft_count, lane, latency_histogram)";
+// Rollups add up: every column is a sum, but the histogram (merged by the writer).
 inline constexpr char kRollupConflict[] =
     " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id, lane) DO UPDATE SET "
     "requests = usage_rollups.requests + excluded.requests, "
@@ -44,15 +47,9 @@ inline constexpr char kRollupConflict[] =
     "unpriced = usage_rollups.unpriced + excluded.unpriced, "
     "latency_sum_us = usage_rollups.latency_sum_us + excluded.latency_sum_us, "
     "ttft_sum_us = usage_rollups.ttft_sum_us + excluded.ttft_sum_us, "
-    "ttft_count = usage_rollups.ttft_count + excluded.ttft_count";
-
-inline constexpr char kInsertLatency[] =
-    "INSERT INTO usage_latency (bucket, provider, model, provider_key, access_key, user_id, slot, "
-    "count, lane)";
-inline constexpr char kLatencyConflict[] =
-    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id, slot, lane) DO "
-    "UPDATE "
-    "SET count = usage_latency.count + excluded.count";
+    "ttft_count = usage_rollups.ttft_count + excluded.ttft_count, "
+    // The writer read and merged the histogram under its lane's lock.
+    "latency_histogram = excluded.latency_histogram";
 
 inline constexpr char kInsertKeyRecorded[] =
     "INSERT INTO provider_key_recorded (key_name, day, requests, tokens, cost_nanos, lane)";
@@ -61,6 +58,12 @@ inline constexpr char kKeyRecordedConflict[] =
     "requests = provider_key_recorded.requests + excluded.requests, "
     "tokens = provider_key_recorded.tokens + excluded.tokens, "
     "cost_nanos = provider_key_recorded.cost_nanos + excluded.cost_nanos";
+
+// A latency histogram as stored in usage_rollups.latency_histogram: a JSON
+// object of slot (see LatencySlot) to count, e.g. {"63":2,"70":1}.
+std::string EncodeHistogram(const std::map<int, std::int64_t>& slots);
+// Adds the counts of a stored histogram to `slots`; false if malformed.
+bool AddHistogram(absl::string_view text, std::map<int, std::int64_t>& slots);
 
 // Column types of kSelectRecords.
 const std::vector<storage::SqlType>& RecordColumns();

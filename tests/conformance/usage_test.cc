@@ -29,6 +29,7 @@
 #include "server/proto_time.h"
 #include "server/usage_ledger.h"
 #include "server/usage_writer.h"
+#include "storage/migrate.h"
 #include "storage/status_details.h"
 #include "storage/storage.h"
 #include "tests/conformance/engine.h"
@@ -154,8 +155,16 @@ class UsageTest : public EngineTest {
     }
     EXPECT_EQ(Scalar("SELECT COALESCE(SUM(requests), 0) FROM usage_rollups"),
               Scalar("SELECT COUNT(*) FROM usage_records"));
-    EXPECT_EQ(Scalar("SELECT COALESCE(SUM(count), 0) FROM usage_latency"),
-              Scalar("SELECT COUNT(*) FROM usage_records"));
+    EXPECT_EQ(Scalar(HistogramCountSql()), Scalar("SELECT COUNT(*) FROM usage_records"));
+  }
+
+  // The sum of every count in the rollups' latency histograms.
+  std::string HistogramCountSql() const {
+    return is_postgres() ? "SELECT CAST(COALESCE(SUM(CAST(e.value AS BIGINT)), 0) AS BIGINT) "
+                           "FROM usage_rollups, json_each_text(CAST(latency_histogram AS json)) "
+                           "AS e"
+                         : "SELECT COALESCE(SUM(e.value), 0) FROM usage_rollups, "
+                           "json_each(latency_histogram) AS e";
   }
 
   FakeClock clock_{kNoon + absl::Hours(2)};
@@ -449,6 +458,48 @@ TEST_P(UsageTest, WriterLanesCompleteInOrderAndKeepEachKeysCommitOrder) {
   EXPECT_GT(commits.load(), 1);
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_records"), kKeys * kPerKey * kRecords);
   ExpectRollupsEqualRecords();
+}
+
+// Migrations 0004 (lanes) and 0005 (histograms in the rollup rows) carry stored
+// aggregates both ways: down folds the lanes and explodes the histograms into rows, up
+// rebuilds them; totals and percentiles are unchanged throughout.
+TEST_P(UsageTest, LaneAndHistogramMigrationsKeepTheAggregates) {
+  std::vector<UsageRecord> batch;
+  for (int i = 0; i < 60; ++i) {
+    UsageRecord r = Record(absl::StrCat("m", i), kNoon, 100 + i, 1);
+    r.set_user(absl::StrCat("user-", i % 3));
+    *r.mutable_latency() = ToProto(absl::Milliseconds(10 * (1 + i % 7)));
+    batch.push_back(r);
+  }
+  for (int lane = 0; lane < 2; ++lane) {
+    std::vector<PreparedRecord> prepared;
+    for (int i = lane * 30; i < lane * 30 + 30; ++i) {
+      prepared.push_back(Prepare(batch[static_cast<size_t>(i)]));
+    }
+    ASSERT_TRUE(ledger_->Write(prepared, nullptr, lane).ok());
+  }
+  v1::QueryUsageRequest query;
+  *query.mutable_start_time() = ToProto(kNoon - absl::Hours(1));
+  *query.mutable_end_time() = ToProto(kNoon + absl::Hours(1));
+  query.add_group_by(v1::USAGE_DIMENSION_USER);
+  v1::QueryUsageResponse before;
+  ASSERT_TRUE(ledger_->Query(query, &before).ok());
+  ASSERT_EQ(before.groups_size(), 3);
+
+  absl::StatusOr<storage::Migrator> migrator = storage::Migrator::ForUrl(url());
+  ASSERT_TRUE(migrator.ok()) << migrator.status();
+  ASSERT_TRUE(migrator->Down(2).ok());
+  EXPECT_EQ(Scalar("SELECT COALESCE(SUM(count), 0) FROM usage_latency"), 60);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 3);  // lanes folded
+  EXPECT_EQ(Scalar("SELECT COALESCE(SUM(requests), 0) FROM usage_rollups"), 60);
+  ASSERT_TRUE(migrator->Up().ok());
+  ExpectRollupsEqualRecords();
+  v1::QueryUsageResponse after;
+  ASSERT_TRUE(ledger_->Query(query, &after).ok());
+  ASSERT_EQ(after.groups_size(), before.groups_size());
+  for (int g = 0; g < before.groups_size(); ++g) {
+    EXPECT_EQ(after.groups(g).ShortDebugString(), before.groups(g).ShortDebugString());
+  }
 }
 
 TEST_P(UsageTest, RetentionRemovesOldRecordsAndExpiresTheirCursors) {

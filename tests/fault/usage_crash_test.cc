@@ -372,7 +372,11 @@ void ExpectEveryRecordOnce(const CrashRun& run,
       {"requests in the rollups",
        "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM usage_rollups"},
       {"latency histogram counts",
-       "SELECT CAST(COALESCE(SUM(count), 0) AS BIGINT) FROM usage_latency"},
+       absl::StartsWith(url, "postgresql://")
+           ? "SELECT CAST(COALESCE(SUM(CAST(e.value AS BIGINT)), 0) AS BIGINT) FROM "
+             "usage_rollups, json_each_text(CAST(latency_histogram AS json)) AS e"
+           : "SELECT COALESCE(SUM(e.value), 0) FROM usage_rollups, "
+             "json_each(latency_histogram) AS e"},
   };
   for (const Check& check : checks) {
     absl::StatusOr<std::int64_t> n = QueryInt(url, check.sql);
