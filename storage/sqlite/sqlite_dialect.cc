@@ -37,7 +37,9 @@ class SqliteDialect final : public Dialect {
   }
   void OnConnect(soci::session& session) const override {
     session << "PRAGMA journal_mode=WAL";
-    session << "PRAGMA synchronous=NORMAL";
+    // FULL: a commit is on disk (the WAL synced) before it is acknowledged,
+    // also across power loss; NORMAL would defer that to the next checkpoint.
+    session << "PRAGMA synchronous=FULL";
     session << "PRAGMA foreign_keys=ON";
     session << "PRAGMA busy_timeout=10000";
     // Filters compile `field = "abc*"` to LIKE: make it match case as PostgreSQL does.

@@ -1195,8 +1195,10 @@ TEST_P(UsageApiTest, SlowWatcherIsEndedWithTheCursorToResumeFrom) {
   ASSERT_TRUE(slow.Read(&message)) << Describe(slow.Finish());
   ASSERT_TRUE(message.has_checkpoint()) << message.ShortDebugString();
 
-  // Far more records than a stream buffers, written while the watcher does not read.
-  constexpr int kRecords = 24'000;
+  // Far more records than a stream buffers (8,192 messages, plus what the transport's
+  // flow-control windows hold on both sides, several MB), written while the watcher does
+  // not read: about 48,000 messages of 0.5 KB.
+  constexpr int kRecords = 48'000;
   const absl::Time now = absl::Now();
   std::vector<v1::IngestUsageRequest> batches;
   for (int i = 0; i < kRecords; ++i) {
@@ -1207,10 +1209,10 @@ TEST_P(UsageApiTest, SlowWatcherIsEndedWithTheCursorToResumeFrom) {
     // Long ids: big messages fill the transport's buffers sooner (they count bytes, the
     // server's queue counts messages).
     v1::UsageRecord* r = batches.back().add_records();
-    *r = UsageRecordOf(absl::StrCat("slow-", i), now - absl::Minutes(i % 100), kGpt5,
-                       std::string(100, 'u'), i, 1);
-    r->set_conversation(absl::StrCat(std::string(100, 'c'), i));
-    r->set_message(absl::StrCat(std::string(100, 'm'), i));
+    *r = UsageRecordOf(absl::StrCat(std::string(100, 's'), i), now - absl::Minutes(i % 100),
+                       kGpt5, std::string(120, 'u'), i, 1);
+    r->set_conversation(absl::StrCat(std::string(120, 'c'), i));
+    r->set_message(absl::StrCat(std::string(120, 'm'), i));
   }
   IngestResult ingested = IngestUntilAcknowledged([&] { return channel; }, batches);
   ASSERT_TRUE(ingested.AllAcknowledged()) << ingested.last_failure;
