@@ -61,3 +61,6 @@ INSERT INTO provider_key_recorded_folded (key_name, day, requests, tokens, cost_
 DROP TABLE provider_key_recorded;
 ALTER TABLE provider_key_recorded_folded RENAME TO provider_key_recorded;
 ALTER INDEX provider_key_recorded_folded_pkey RENAME TO provider_key_recorded_pkey;
+
+DROP INDEX usage_request_ids_time;
+CREATE INDEX usage_request_ids_time ON usage_request_ids (record_time);
