@@ -115,15 +115,11 @@ std::string RowsJson(const std::vector<SqlRow>& rows, size_t begin, size_t end) 
   return out;
 }
 
-// Writes many rows with one statement per few thousand: the rows travel as
-// one JSON parameter that the database unpacks (jsonb_array_elements on
-// PostgreSQL, json_each on SQLite), instead of a statement or hundreds of
-// bound parameters per row. `types` has one letter per column: 'i' for
-// BIGINT, 't' for TEXT.
-absl::Status InsertRows(storage::ReadWriteTx& tx, bool postgres, absl::string_view head,
-                        absl::string_view types, const std::vector<SqlRow>& rows,
-                        absl::string_view tail) {
-  if (rows.empty()) return absl::OkStatus();
+// "SELECT <columns> FROM <rows>" over rows sent as one JSON array of arrays
+// in parameter :p0 (see RowsJson), unpacked by the database
+// (jsonb_array_elements on PostgreSQL, json_each on SQLite). `types` has one
+// letter per column: 'i' for BIGINT, 't' for TEXT.
+std::string SelectJsonRows(bool postgres, absl::string_view types) {
   std::vector<std::string> columns;
   for (size_t i = 0; i < types.size(); ++i) {
     if (postgres) {
@@ -133,11 +129,21 @@ absl::Status InsertRows(storage::ReadWriteTx& tx, bool postgres, absl::string_vi
       columns.push_back(absl::StrCat("t.value->>", i));
     }
   }
+  return absl::StrCat(
+      "SELECT ", absl::StrJoin(columns, ", "), " FROM ",
+      postgres ? "jsonb_array_elements(CAST(:p0 AS jsonb)) AS t(j)" : "json_each(:p0) AS t");
+}
+
+// Writes many rows with one statement per few thousand, their values in one
+// JSON parameter instead of hundreds of bound parameters (the upserts; plain
+// inserts use ReadWriteTx::CopyRows).
+absl::Status InsertRows(storage::ReadWriteTx& tx, bool postgres, absl::string_view head,
+                        absl::string_view types, const std::vector<SqlRow>& rows,
+                        absl::string_view tail) {
+  if (rows.empty()) return absl::OkStatus();
   // "WHERE true" keeps SQLite from reading ON CONFLICT as part of the FROM.
-  const std::string sql = absl::StrCat(
-      head, " SELECT ", absl::StrJoin(columns, ", "), " FROM ",
-      postgres ? "jsonb_array_elements(CAST(:p0 AS jsonb)) AS t(j)" : "json_each(:p0) AS t",
-      " WHERE true", tail);
+  const std::string sql =
+      absl::StrCat(head, " ", SelectJsonRows(postgres, types), " WHERE true", tail);
   constexpr size_t kRowsPerStatement = 5000;
   for (size_t begin = 0; begin < rows.size(); begin += kRowsPerStatement) {
     const size_t end = std::min(rows.size(), begin + kRowsPerStatement);
@@ -341,14 +347,12 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
       ids.reserve(records.size());
       for (const PreparedRecord& r : records) ids.push_back({SqlCell(r.record.request_id())});
       std::string json = RowsJson(ids, 0, ids.size());
-      absl::StatusOr<std::vector<SqlRow>> rows = tx.Query(
-          absl::StrCat("SELECT request_id, seq, content_hash FROM usage_request_ids WHERE "
-                       "request_id IN ",
-                       postgres_ ? "(SELECT e->>0 FROM jsonb_array_elements(CAST(:p0 AS jsonb)) "
-                                   "AS t(e))"
-                                 : "(SELECT value->>0 FROM json_each(:p0))"),
-          {SqlCell(std::move(json))},
-          {storage::SqlType::kText, storage::SqlType::kInt64, storage::SqlType::kText});
+      absl::StatusOr<std::vector<SqlRow>> rows =
+          tx.Query(absl::StrCat("SELECT request_id, seq, content_hash FROM usage_request_ids WHERE "
+                                "request_id IN (",
+                                SelectJsonRows(postgres_, "t"), ")"),
+                   {SqlCell(std::move(json))},
+                   {storage::SqlType::kText, storage::SqlType::kInt64, storage::SqlType::kText});
       if (!rows.ok()) return rows.status();
       for (const SqlRow& row : *rows) {
         known[storage::CellText(row[0])] = {storage::CellInt(row[1]), storage::CellText(row[2])};
@@ -445,11 +449,8 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
       const std::string sql = absl::StrCat(
           "SELECT bucket, provider, model, provider_key, access_key, user_id, latency_histogram "
           "FROM usage_rollups WHERE lane = :p1 AND (bucket, provider, model, provider_key, "
-          "access_key, user_id) IN ",
-          postgres_ ? "(SELECT (t.j->>0)::BIGINT, t.j->>1, t.j->>2, t.j->>3, t.j->>4, t.j->>5 "
-                      "FROM jsonb_array_elements(CAST(:p0 AS jsonb)) AS t(j))"
-                    : "(SELECT t.value->>0, t.value->>1, t.value->>2, t.value->>3, t.value->>4, "
-                      "t.value->>5 FROM json_each(:p0) AS t)");
+          "access_key, user_id) IN (",
+          SelectJsonRows(postgres_, "ittttt"), ")");
       absl::StatusOr<std::vector<SqlRow>> stored =
           tx.Query(sql, {SqlCell(RowsJson(keys, 0, keys.size())), SqlCell(lane64)},
                    {storage::SqlType::kInt64, storage::SqlType::kText, storage::SqlType::kText,

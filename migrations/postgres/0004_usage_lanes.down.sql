@@ -1,4 +1,21 @@
--- Folds the lanes of each aggregate row back into one row.
+-- Lanes folded into one row each; histograms back into rows per slot.
+
+CREATE TABLE usage_latency (
+  bucket BIGINT NOT NULL,
+  provider TEXT NOT NULL,
+  model TEXT NOT NULL,
+  provider_key TEXT NOT NULL,
+  access_key TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  slot INTEGER NOT NULL,
+  count BIGINT NOT NULL,
+  PRIMARY KEY (bucket, provider, model, provider_key, access_key, user_id, slot)
+);
+INSERT INTO usage_latency (bucket, provider, model, provider_key, access_key, user_id, slot, count)
+  SELECT r.bucket, r.provider, r.model, r.provider_key, r.access_key, r.user_id, CAST(e.key AS INTEGER),
+         CAST(SUM(CAST(e.value AS BIGINT)) AS BIGINT)
+  FROM usage_rollups AS r, json_each_text(CAST(r.latency_histogram AS json)) AS e
+  GROUP BY r.bucket, r.provider, r.model, r.provider_key, r.access_key, r.user_id, e.key;
 
 CREATE TABLE usage_rollups_folded (
   bucket BIGINT NOT NULL,
@@ -28,24 +45,6 @@ INSERT INTO usage_rollups_folded (bucket, provider, model, provider_key, access_
 DROP TABLE usage_rollups;
 ALTER TABLE usage_rollups_folded RENAME TO usage_rollups;
 ALTER INDEX usage_rollups_folded_pkey RENAME TO usage_rollups_pkey;
-
-CREATE TABLE usage_latency_folded (
-  bucket BIGINT NOT NULL,
-  provider TEXT NOT NULL,
-  model TEXT NOT NULL,
-  provider_key TEXT NOT NULL,
-  access_key TEXT NOT NULL,
-  user_id TEXT NOT NULL,
-  slot INTEGER NOT NULL,
-  count BIGINT NOT NULL,
-  PRIMARY KEY (bucket, provider, model, provider_key, access_key, user_id, slot)
-);
-INSERT INTO usage_latency_folded (bucket, provider, model, provider_key, access_key, user_id, slot, count)
-  SELECT bucket, provider, model, provider_key, access_key, user_id, slot, CAST(SUM(count) AS BIGINT)
-  FROM usage_latency GROUP BY bucket, provider, model, provider_key, access_key, user_id, slot;
-DROP TABLE usage_latency;
-ALTER TABLE usage_latency_folded RENAME TO usage_latency;
-ALTER INDEX usage_latency_folded_pkey RENAME TO usage_latency_pkey;
 
 CREATE TABLE provider_key_recorded_folded (
   key_name TEXT NOT NULL,

@@ -1209,8 +1209,8 @@ TEST_P(UsageApiTest, SlowWatcherIsEndedWithTheCursorToResumeFrom) {
     // Long ids: big messages fill the transport's buffers sooner (they count bytes, the
     // server's queue counts messages).
     v1::UsageRecord* r = batches.back().add_records();
-    *r = UsageRecordOf(absl::StrCat(std::string(100, 's'), i), now - absl::Minutes(i % 100),
-                       kGpt5, std::string(120, 'u'), i, 1);
+    *r = UsageRecordOf(absl::StrCat(std::string(100, 's'), i), now - absl::Minutes(i % 100), kGpt5,
+                       std::string(120, 'u'), i, 1);
     r->set_conversation(absl::StrCat(std::string(120, 'c'), i));
     r->set_message(absl::StrCat(std::string(120, 'm'), i));
   }
