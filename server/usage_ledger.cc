@@ -330,19 +330,38 @@ bool UsageLedger::Prepare(const v1::UsageRecord& in, absl::string_view principal
 absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     const std::vector<PreparedRecord>& records, std::vector<storage::ChangeRecord>* alerts,
     int lane) {
+  absl::StatusOr<std::vector<RecordOutcome>> outcomes = WriteOnce(records, alerts, lane, false);
+  // A stored request_id (a retry), or two writers racing on one: every
+  // further attempt looks the batch's ids up, and each ALREADY_EXISTS means
+  // another writer committed one of them meanwhile.
+  while (absl::IsAlreadyExists(outcomes.status())) {
+    outcomes = WriteOnce(records, alerts, lane, true);
+  }
+  return outcomes;
+}
+
+absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
+    const std::vector<PreparedRecord>& records, std::vector<storage::ChangeRecord>* alerts,
+    int lane, bool probe) {
   const absl::Time now = options_.clock();
   if (postgres_) {
     if (absl::Status s = EnsurePartitions(now, now + absl::Hours(24)); !s.ok()) return s;
   }
   std::vector<RecordOutcome> outcomes;
   std::vector<storage::ChangeRecord> raised;
+  std::map<std::string, std::int64_t> access_last_used;
+  std::vector<std::pair<std::string, std::int64_t>> last_use_undo;
   absl::Status status = datastore_.ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
     outcomes.assign(records.size(), RecordOutcome{});
     raised.clear();
+    // A retried transaction body starts over (its earlier attempt rolled back).
+    UndoLastUse(last_use_undo, access_last_used);
+    last_use_undo.clear();
+    access_last_used.clear();
     // 1. Idempotency: earlier records with these request_ids, and repeats
     // inside the batch (the first occurrence wins).
     absl::flat_hash_map<std::string, std::pair<std::int64_t, std::string>> known;  // seq, hash
-    {
+    if (probe) {
       std::vector<SqlRow> ids;
       ids.reserve(records.size());
       for (const PreparedRecord& r : records) ids.push_back({SqlCell(r.record.request_id())});
@@ -388,7 +407,6 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     const std::int64_t lane64 = lane;
     std::map<RollupKey, Totals> rollups;
     std::map<std::pair<std::string, std::string>, Totals> key_days;
-    std::map<std::string, std::int64_t> access_last_used;
     std::vector<Charge> charges;
     for (size_t i : fresh) {
       const v1::UsageRecord& r = records[i].record;
@@ -499,7 +517,7 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     for (const auto& [name, micros] : access_last_used) {
       // Stored to the second: a key's row is written (and locked) at most
       // once a second, not by every batch of every writer.
-      if (!AdvanceLastUse(name, micros)) continue;
+      if (!AdvanceLastUse(name, micros, last_use_undo)) continue;
       absl::StatusOr<std::int64_t> n = tx.Exec(
           "UPDATE access_keys SET last_used_time = :p0 WHERE name = :p1 AND "
           "(last_used_time IS NULL OR last_used_time < :p0)",
@@ -546,8 +564,7 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
     return absl::OkStatus();
   });
   if (!status.ok()) {
-    // Two writers raced on a request_id: the retry sees the committed one.
-    if (absl::IsAlreadyExists(status)) return Write(records, alerts, lane);
+    UndoLastUse(last_use_undo, access_last_used);
     return status;
   }
   // Repeats inside the batch point at their first occurrence's seq.
@@ -560,13 +577,25 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
   return outcomes;
 }
 
-bool UsageLedger::AdvanceLastUse(const std::string& access_key, std::int64_t micros) {
+bool UsageLedger::AdvanceLastUse(const std::string& access_key, std::int64_t micros,
+                                 std::vector<std::pair<std::string, std::int64_t>>& undo) {
   constexpr std::int64_t kSecond = 1'000'000;
   std::lock_guard lock(last_use_mu_);
   std::int64_t& written = last_use_written_[access_key];
   if (written != 0 && micros < written + kSecond) return false;
+  undo.emplace_back(access_key, written);
   written = std::max(written, micros);
   return true;
+}
+
+void UsageLedger::UndoLastUse(const std::vector<std::pair<std::string, std::int64_t>>& undo,
+                              const std::map<std::string, std::int64_t>& advanced) {
+  std::lock_guard lock(last_use_mu_);
+  for (const auto& [key, before] : undo) {
+    auto it = advanced.find(key);
+    std::int64_t& written = last_use_written_[key];
+    if (it != advanced.end() && written == std::max(before, it->second)) written = before;
+  }
 }
 
 absl::Status UsageLedger::EnsurePartitions(absl::Time from, absl::Time to) {

@@ -99,9 +99,21 @@ class UsageLedger final {
 
  private:
   absl::Status EnsurePartitions(absl::Time from, absl::Time to);
+  // One attempt of Write. Without `probe`, request_ids are not looked up
+  // first: their primary key rejects a stored one (ALREADY_EXISTS, nothing
+  // written) and Write retries with `probe`. Retries are rare, so the
+  // common batch skips a lookup per record.
+  absl::StatusOr<std::vector<RecordOutcome>> WriteOnce(const std::vector<PreparedRecord>& records,
+                                                       std::vector<storage::ChangeRecord>* alerts,
+                                                       int lane, bool probe);
   // Whether `access_key`'s last use should be written for a call at
   // `micros`: its first, then at most one a second (later calls only).
-  bool AdvanceLastUse(const std::string& access_key, std::int64_t micros);
+  // `undo` receives what to pass to UndoLastUse if the write rolls back.
+  bool AdvanceLastUse(const std::string& access_key, std::int64_t micros,
+                      std::vector<std::pair<std::string, std::int64_t>>& undo);
+  // Forgets advances of a rolled-back write (those no later write replaced).
+  void UndoLastUse(const std::vector<std::pair<std::string, std::int64_t>>& undo,
+                   const std::map<std::string, std::int64_t>& advanced);
 
   storage::Datastore& datastore_;
   CatalogCache& catalog_;

@@ -689,6 +689,13 @@ TEST_P(UsageTest, RecordingUpdatesAccessKeysLastUse) {
   Write({Record("u2", kNoon, 1, 1)});  // an older call never moves it back
   EXPECT_EQ(Scalar("SELECT last_used_time FROM access_keys"),
             absl::ToUnixMicros(kNoon + absl::Minutes(5)));
+  // A batch with a stored request_id is first rolled back (its id's primary
+  // key rejects it) and then written again: the rolled-back attempt must not
+  // count as having written the new last use.
+  Write(
+      {Record("u1", kNoon + absl::Minutes(5), 1, 1), Record("u3", kNoon + absl::Minutes(9), 1, 1)});
+  EXPECT_EQ(Scalar("SELECT last_used_time FROM access_keys"),
+            absl::ToUnixMicros(kNoon + absl::Minutes(9)));
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, UsageTest, AllEngines(), NameGen());
