@@ -65,6 +65,7 @@ absl::Status Authenticator::Load() {
   if (!status.ok()) return status;
   std::lock_guard lock(mu_);
   hashes_ = std::move(loaded);
+  hashes_version_.fetch_add(1, std::memory_order_acq_rel);
   return absl::OkStatus();
 }
 
@@ -73,6 +74,7 @@ void Authenticator::OnChange(const storage::ChangeRecord& change) {
   if (change.change_type == "DELETED") {
     std::lock_guard lock(mu_);
     hashes_.erase(change.resource_name);
+    hashes_version_.fetch_add(1, std::memory_order_acq_rel);
     return;
   }
   Reload(change.resource_name);
@@ -106,6 +108,7 @@ void Authenticator::Reload(const std::string& name) {
   } else {
     hashes_.erase(name);
   }
+  hashes_version_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 void Authenticator::RetryReloads() {
@@ -120,6 +123,7 @@ void Authenticator::RetryReloads() {
 void Authenticator::SetHashes(const std::string& name, std::string current, std::string previous) {
   std::lock_guard lock(mu_);
   hashes_[name] = {std::move(current), std::move(previous)};
+  hashes_version_.fetch_add(1, std::memory_order_acq_rel);
 }
 
 absl::StatusOr<Caller> Authenticator::Verify(absl::string_view token) {
@@ -127,6 +131,16 @@ absl::StatusOr<Caller> Authenticator::Verify(absl::string_view token) {
   absl::StatusOr<crypto::ParsedToken> parsed = crypto::ParseAccessToken(token);
   if (!parsed.ok()) return InvalidToken();
   const std::string name = absl::StrCat("accessKeys/", parsed->id);
+  absl::StatusOr<Caller> caller = Admit(name, Hash(token), nullptr);
+  if (caller.ok()) {
+    std::lock_guard lock(mu_);
+    last_used_[name] = clock_();
+  }
+  return caller;
+}
+
+absl::StatusOr<Caller> Authenticator::Admit(const std::string& name, const std::string& hash,
+                                            absl::Time* recheck_by) {
   std::shared_ptr<const google::protobuf::Message> cached = cache_.Get(name);
   if (cached == nullptr || cached->GetDescriptor() != v1::AccessKey::descriptor()) {
     return InvalidToken();
@@ -140,17 +154,22 @@ absl::StatusOr<Caller> Authenticator::Verify(absl::string_view token) {
     hashes = it->second;
   }
   const absl::Time now = clock_();
-  const std::string hash = Hash(token);
+  absl::Time until = absl::InfiniteFuture();
   bool match = crypto::ConstantTimeEquals(hash, hashes.current);
   if (!match && !hashes.previous.empty() && key.has_previous_token_expire_time() &&
       now < FromProto(key.previous_token_expire_time())) {
     match = crypto::ConstantTimeEquals(hash, hashes.previous);
+    until = FromProto(key.previous_token_expire_time());
   }
   if (!match) return InvalidToken();
   // The holder of a valid token may learn why it stopped working.
-  if (key.has_revoke_time() && FromProto(key.revoke_time()) <= now) {
-    return WithErrorInfo(absl::UnauthenticatedError(absl::StrCat(name, " was revoked")),
-                         "ACCESS_KEY_REVOKED");
+  if (key.has_revoke_time()) {
+    const absl::Time revoked = FromProto(key.revoke_time());
+    if (revoked <= now) {
+      return WithErrorInfo(absl::UnauthenticatedError(absl::StrCat(name, " was revoked")),
+                           "ACCESS_KEY_REVOKED");
+    }
+    until = std::min(until, revoked);
   }
   if (key.has_expire_time() && FromProto(key.expire_time()) <= now) {
     return WithErrorInfo(absl::UnauthenticatedError(absl::StrCat(name, " has expired")),
@@ -159,13 +178,34 @@ absl::StatusOr<Caller> Authenticator::Verify(absl::string_view token) {
   Caller caller;
   caller.principal = name;
   caller.owner = key.owner();
+  caller.token_hash = hash;
   for (int s : key.scopes()) caller.scopes.push_back(static_cast<v1::Scope>(s));
   if (key.has_expire_time()) caller.expire_time = FromProto(key.expire_time());
-  {
-    std::lock_guard lock(mu_);
-    last_used_[name] = now;
-  }
+  if (recheck_by != nullptr) *recheck_by = std::min(until, caller.expire_time);
   return caller;
+}
+
+absl::Status Authenticator::CheckScope(const Caller& caller, absl::string_view method) const {
+  auto scope = method_scopes_.find(method);
+  const v1::Scope required = scope == method_scopes_.end() ? v1::SCOPE_UNSPECIFIED : scope->second;
+  if (required == v1::SCOPE_UNSPECIFIED || !Grants(caller.scopes, required)) {
+    return WithErrorInfo(
+        absl::PermissionDeniedError(absl::StrCat(
+            caller.principal, " lacks scope ", v1::Scope_Name(required), " required by ", method)),
+        "MISSING_SCOPE", {{"scope", v1::Scope_Name(required)}});
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Authenticator::Recheck(const Caller& caller, absl::string_view method,
+                                    absl::Time* recheck_by) {
+  absl::StatusOr<Caller> now = Admit(caller.principal, caller.token_hash, recheck_by);
+  if (!now.ok()) return now.status();
+  return CheckScope(*now, method);
+}
+
+std::int64_t Authenticator::version() const {
+  return cache_.version() + hashes_version_.load(std::memory_order_acquire);
 }
 
 absl::StatusOr<Caller> Authenticator::Authenticate(const grpc::ServerContextBase& context,
@@ -188,14 +228,7 @@ absl::StatusOr<Caller> Authenticator::Authenticate(const grpc::ServerContextBase
   }
   absl::StatusOr<Caller> caller = Verify(absl::StripAsciiWhitespace(value.substr(kBearer.size())));
   if (!caller.ok()) return caller.status();
-  auto scope = method_scopes_.find(method);
-  const v1::Scope required = scope == method_scopes_.end() ? v1::SCOPE_UNSPECIFIED : scope->second;
-  if (required == v1::SCOPE_UNSPECIFIED || !Grants(caller->scopes, required)) {
-    return WithErrorInfo(
-        absl::PermissionDeniedError(absl::StrCat(
-            caller->principal, " lacks scope ", v1::Scope_Name(required), " required by ", method)),
-        "MISSING_SCOPE", {{"scope", v1::Scope_Name(required)}});
-  }
+  if (absl::Status s = CheckScope(*caller, method); !s.ok()) return s;
   return caller;
 }
 

@@ -1,5 +1,7 @@
 #pragma once
 
+#include <atomic>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <string>
@@ -31,6 +33,7 @@ struct Caller {
   std::string owner;      // the key's owner, e.g. "service:gateway"
   std::vector<v1::Scope> scopes;
   absl::Time expire_time = absl::InfiniteFuture();
+  std::string token_hash;  // keyed hash of the token presented, for Recheck
 };
 
 // Whether `scopes` grant `required` (ADMIN grants all; a WRITE scope grants
@@ -60,6 +63,16 @@ class Authenticator final {
   // The principal of a token, for VerifyAccessKey (UNAUTHENTICATED when not valid).
   absl::StatusOr<Caller> Verify(absl::string_view token);
 
+  // Re-checks a caller that Authenticate admitted to `method` earlier (a
+  // long-lived stream): the answer Authenticate would give its token now,
+  // scopes included. `recheck_by` receives when the answer changes with no
+  // change to the key (its expiry, the end of a rotation's grace).
+  absl::Status Recheck(const Caller& caller, absl::string_view method, absl::Time* recheck_by);
+  // Grows with every change to a cached resource or to the token hashes:
+  // equal values mean Recheck answers as before (until its recheck_by).
+  std::int64_t version() const;
+  absl::Time Now() const { return clock_(); }
+
   // The keyed hash stored for `token`.
   std::string Hash(absl::string_view token) const;
 
@@ -70,6 +83,10 @@ class Authenticator final {
 
  private:
   void Reload(const std::string& name);
+  // The caller holding key `name` with a token of keyed hash `hash`.
+  absl::StatusOr<Caller> Admit(const std::string& name, const std::string& hash,
+                               absl::Time* recheck_by);
+  absl::Status CheckScope(const Caller& caller, absl::string_view method) const;
 
   struct Hashes {
     std::string current;
@@ -86,6 +103,7 @@ class Authenticator final {
   absl::flat_hash_map<std::string, Hashes> hashes_;         // by key name; guarded by mu_
   absl::flat_hash_map<std::string, absl::Time> last_used_;  // guarded by mu_
   absl::flat_hash_set<std::string> retry_;                  // guarded by mu_
+  std::atomic<std::int64_t> hashes_version_{0};             // bumped after hashes_ changes
 };
 
 }  // namespace modelvault::server

@@ -385,7 +385,7 @@ grpc::ServerWriteReactor<v1::WatchAlertsResponse>* BudgetService::WatchAlerts(
       kWatchQueue, ToAlert, [](absl::Time now, v1::WatchAlertsResponse& out) {
         *out.mutable_checkpoint()->mutable_time() = ToProto(now);
       });
-  return StartWatch(reactor, gate_.Authorize(c, kService, __func__).status(), r->cursor(),
+  return StartWatch(reactor, gate_.AuthorizeStream(c, kService, __func__), r->cursor(),
                     r->checkpoint_interval_seconds(), hub_);
 }
 

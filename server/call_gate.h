@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <utility>
 
@@ -12,6 +13,7 @@
 #include "server/auth.h"
 #include "server/executor.h"
 #include "server/grpc_status.h"
+#include "server/stream_auth.h"
 
 // Where every unary call of every service enters: draining check,
 // authentication and the method's scope, then the work — inline for
@@ -66,11 +68,21 @@ class CallGate final {
     return reactor;
   }
 
-  // For streams: the caller, or the status to end the stream with.
+  // For unary calls answered by a callback: the caller, or the status to
+  // end the call with.
   absl::StatusOr<Caller> Authorize(Ctx* c, absl::string_view service, absl::string_view method) {
     calls_.fetch_add(1, std::memory_order_relaxed);
     if (draining_.load(std::memory_order_acquire)) return Draining();
     return auth_.Authenticate(*c, absl::StrCat(service, method));
+  }
+
+  // For streams: the caller's authorization, re-checked for as long as the
+  // stream lives, or the status to end the stream with.
+  absl::StatusOr<std::shared_ptr<StreamAuth>> AuthorizeStream(Ctx* c, absl::string_view service,
+                                                              absl::string_view method) {
+    absl::StatusOr<Caller> caller = Authorize(c, service, method);
+    if (!caller.ok()) return caller.status();
+    return std::make_shared<StreamAuth>(auth_, *std::move(caller), absl::StrCat(service, method));
   }
 
  private:

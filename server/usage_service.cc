@@ -32,13 +32,14 @@ const v1::UsageRecord* RecordOf(const storage::ChangeRecord& change) {
 class IngestReactor final
     : public grpc::ServerBidiReactor<v1::IngestUsageRequest, v1::IngestUsageResponse> {
  public:
-  IngestReactor(UsageLedger& ledger, UsageWriter& writer, absl::StatusOr<Caller> caller)
+  IngestReactor(UsageLedger& ledger, UsageWriter& writer,
+                absl::StatusOr<std::shared_ptr<StreamAuth>> auth)
       : ledger_(ledger), writer_(writer), order_key_(NextOrderKey()) {
-    if (!caller.ok()) {
-      Finish(ToGrpcStatus(caller.status()));
+    if (!auth.ok()) {
+      Finish(ToGrpcStatus(auth.status()));
       return;
     }
-    principal_ = caller->principal;
+    auth_ = *std::move(auth);
     StartRead(&request_);
   }
 
@@ -79,6 +80,14 @@ class IngestReactor final
       // between would otherwise let this one outlive the reactor.
       std::lock_guard lock(mu_);
       if (failed_ || finished_) return;  // the stream is ending; this batch is not acknowledged
+      // A key revoked (expired, narrowed) since the stream opened stores
+      // nothing more: the stream ends once the batches in flight are done.
+      if (absl::Status allowed = auth_->Check(); !allowed.ok()) {
+        failed_ = true;
+        final_status_ = ToGrpcStatus(allowed);
+        MaybeFinishLocked();
+        return;
+      }
       ++in_flight_;
     }
     v1::IngestUsageResponse ack;
@@ -99,8 +108,8 @@ class IngestReactor final
       for (int i = 0; i < request_.records_size(); ++i) {
         std::vector<FieldViolation> violations;
         PreparedRecord p;
-        if (ledger_.Prepare(request_.records(i), principal_, absl::StrCat("records[", i, "]."), p,
-                            violations)) {
+        if (ledger_.Prepare(request_.records(i), auth_->caller().principal,
+                            absl::StrCat("records[", i, "]."), p, violations)) {
           ids.push_back(p.record.request_id());
           prepared.push_back(std::move(p));
           index.push_back(i);
@@ -204,7 +213,7 @@ class IngestReactor final
   UsageLedger& ledger_;
   UsageWriter& writer_;
   const std::uint64_t order_key_;
-  std::string principal_;
+  std::shared_ptr<StreamAuth> auth_;  // null when refused at the start
   v1::IngestUsageRequest request_;
   std::mutex mu_;
   std::deque<v1::IngestUsageResponse> acks_;  // front is being written while writing_
@@ -316,7 +325,7 @@ UsageService::Reactor* UsageService::RecordUsage(Ctx* c, const v1::RecordUsageRe
 
 grpc::ServerBidiReactor<v1::IngestUsageRequest, v1::IngestUsageResponse>* UsageService::IngestUsage(
     Ctx* c) {
-  return new IngestReactor(ledger_, writer_, gate_.Authorize(c, kService, __func__));
+  return new IngestReactor(ledger_, writer_, gate_.AuthorizeStream(c, kService, __func__));
 }
 
 grpc::ServerWriteReactor<v1::WatchUsageResponse>* UsageService::WatchUsage(
@@ -339,7 +348,7 @@ grpc::ServerWriteReactor<v1::WatchUsageResponse>* UsageService::WatchUsage(
       [](absl::Time now, v1::WatchUsageResponse& out) {
         *out.mutable_checkpoint()->mutable_time() = ToProto(now);
       });
-  return StartWatch(reactor, gate_.Authorize(c, kService, __func__).status(), r->cursor(),
+  return StartWatch(reactor, gate_.AuthorizeStream(c, kService, __func__), r->cursor(),
                     r->checkpoint_interval_seconds(), hub_);
 }
 

@@ -11,6 +11,7 @@
 #include "server/change_hub.h"
 #include "server/cursor.h"
 #include "server/grpc_status.h"
+#include "server/stream_auth.h"
 #include "storage/status_details.h"
 
 namespace modelvault::server {
@@ -34,7 +35,11 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
     return reactor;
   }
 
+  // Re-checks the caller before every message (set before subscribing).
+  void Guard(std::shared_ptr<StreamAuth> auth) { auth_ = std::move(auth); }
+
   Offer OfferChange(const storage::ChangeRecord& change) override {
+    if (!Authorized()) return Offer::kGone;
     Response response;
     if (!convert_(change, response)) return Gone() ? Offer::kGone : Offer::kSkipped;
     response.set_cursor(EncodeCursor(change.seq));
@@ -49,6 +54,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   }
 
   bool OfferCheckpoint(std::int64_t seq, absl::Time now) override {
+    if (!Authorized()) return false;
     Response response;
     checkpoint_(now, response);
     response.set_cursor(EncodeCursor(seq));
@@ -121,6 +127,21 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   WatchReactor(size_t max_queue, Convert convert, MakeCheckpoint checkpoint)
       : max_queue_(max_queue), convert_(std::move(convert)), checkpoint_(std::move(checkpoint)) {}
 
+  // False, with the stream ended by the refusal, once the caller's key no
+  // longer admits it: nothing more is sent.
+  bool Authorized() {
+    if (auth_ == nullptr) return true;
+    absl::Status status = auth_->Check();
+    if (status.ok()) return true;
+    std::int64_t seq = 0;
+    {
+      std::lock_guard lock(mu_);
+      seq = last_seq_;
+    }
+    Close(status, seq);
+    return false;
+  }
+
   bool Gone() {
     std::lock_guard lock(mu_);
     return done_ || finish_requested_;
@@ -155,6 +176,7 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
   const size_t max_queue_;
   Convert convert_;
   MakeCheckpoint checkpoint_;
+  std::shared_ptr<StreamAuth> auth_;  // set before the hub sees the stream
   std::shared_ptr<WatchReactor> self_;
   // std::mutex rather than absl::Mutex: TSan sees it (Debian's Abseil is not instrumented).
   std::mutex mu_;
@@ -173,11 +195,12 @@ class WatchReactor final : public grpc::ServerWriteReactor<Response>, public Cha
 // otherwise it ends with the error, naming the field at fault. Returns the
 // reactor for the gRPC handler.
 template <typename Response>
-grpc::ServerWriteReactor<Response>* StartWatch(std::shared_ptr<WatchReactor<Response>> reactor,
-                                               absl::Status authorized, const std::string& cursor,
-                                               int checkpoint_interval_seconds, ChangeHub& hub) {
+grpc::ServerWriteReactor<Response>* StartWatch(
+    std::shared_ptr<WatchReactor<Response>> reactor,
+    absl::StatusOr<std::shared_ptr<StreamAuth>> authorized, const std::string& cursor,
+    int checkpoint_interval_seconds, ChangeHub& hub) {
   std::optional<std::int64_t> after;
-  absl::Status status = std::move(authorized);
+  absl::Status status = authorized.status();
   if (status.ok() && !cursor.empty()) {
     absl::StatusOr<std::int64_t> seq = DecodeCursor(cursor);
     if (seq.ok()) {
@@ -194,6 +217,7 @@ grpc::ServerWriteReactor<Response>* StartWatch(std::shared_ptr<WatchReactor<Resp
     reactor->Close(status, after.value_or(0));
     return reactor.get();
   }
+  reactor->Guard(*std::move(authorized));
   hub.Subscribe(reactor, after, absl::Seconds(interval));
   return reactor.get();
 }
