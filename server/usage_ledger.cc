@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/time/civil_time.h"
 #include "modelvault/v1/catalog_resources.pb.h"
 #include "server/catalog_service.h"
 #include "server/cursor.h"
@@ -167,8 +168,10 @@ struct Totals {
   std::int64_t cost = 0, unpriced = 0, latency_sum = 0, ttft_sum = 0, ttft_count = 0;
   std::map<int, std::int64_t> slots;  // latency histogram
 };
-using RollupKey =
-    std::tuple<std::int64_t, std::string, std::string, std::string, std::string, std::string>;
+// Hour, provider, model, provider key, access key, user: views into the
+// batch's records (no copies per record).
+using RollupKey = std::tuple<std::int64_t, absl::string_view, absl::string_view, absl::string_view,
+                             absl::string_view, absl::string_view>;
 
 }  // namespace
 
@@ -212,15 +215,14 @@ UsageLedger::UsageLedger(storage::Datastore& datastore, CatalogCache& catalog,
   ClearOutputOnly(warm_up);
 }
 
-bool UsageLedger::Prepare(const v1::UsageRecord& in, absl::string_view principal,
-                          absl::string_view prefix, PreparedRecord& out,
-                          std::vector<FieldViolation>& violations) const {
+bool UsageLedger::Prepare(v1::UsageRecord in, absl::string_view principal, absl::string_view prefix,
+                          PreparedRecord& out, std::vector<FieldViolation>& violations) const {
   const size_t before = violations.size();
   auto bad = [&](absl::string_view field, std::string description) {
     violations.push_back({absl::StrCat(prefix, field), std::move(description)});
   };
   v1::UsageRecord& r = out.record;
-  r = in;
+  r = std::move(in);
   ClearOutputOnly(r);
   r.clear_cursor();
 
@@ -406,7 +408,7 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
     const std::int64_t record_micros = absl::ToUnixMicros(now);
     const std::int64_t lane64 = lane;
     std::map<RollupKey, Totals> rollups;
-    std::map<std::pair<std::string, std::string>, Totals> key_days;
+    std::map<std::pair<absl::string_view, absl::CivilDay>, Totals> key_days;
     std::vector<Charge> charges;
     for (size_t i : fresh) {
       const v1::UsageRecord& r = records[i].record;
@@ -436,8 +438,8 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
       }
       t.slots[LatencySlot(latency_us)] += 1;
       if (!r.provider_key().empty()) {
-        Totals& k = key_days[{r.provider_key(), absl::FormatTime("%Y-%m-%d", FromProto(r.time()),
-                                                                 options_.key_time_zone)}];
+        Totals& k = key_days[{r.provider_key(),
+                              absl::ToCivilDay(FromProto(r.time()), options_.key_time_zone)}];
         k.requests += 1;
         k.input += r.tokens().input() + r.tokens().output() + r.tokens().cache_read() +
                    r.tokens().cache_write() + r.tokens().reasoning();
@@ -461,8 +463,10 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
       std::vector<SqlRow> keys;
       keys.reserve(rollups.size());
       for (const auto& [k, t] : rollups) {
-        keys.push_back({SqlCell(std::get<0>(k)), SqlCell(std::get<1>(k)), SqlCell(std::get<2>(k)),
-                        SqlCell(std::get<3>(k)), SqlCell(std::get<4>(k)), SqlCell(std::get<5>(k))});
+        keys.push_back({SqlCell(std::get<0>(k)), SqlCell(std::string(std::get<1>(k))),
+                        SqlCell(std::string(std::get<2>(k))), SqlCell(std::string(std::get<3>(k))),
+                        SqlCell(std::string(std::get<4>(k))),
+                        SqlCell(std::string(std::get<5>(k)))});
       }
       const std::string sql = absl::StrCat(
           "SELECT bucket, provider, model, provider_key, access_key, user_id, latency_histogram "
@@ -476,10 +480,13 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
                     storage::SqlType::kText});
       if (!stored.ok()) return stored.status();
       for (const SqlRow& row : *stored) {
-        RollupKey key{storage::CellInt(row[0]),  storage::CellText(row[1]),
-                      storage::CellText(row[2]), storage::CellText(row[3]),
-                      storage::CellText(row[4]), storage::CellText(row[5])};
-        auto it = rollups.find(key);
+        const std::string provider = storage::CellText(row[1]);
+        const std::string model = storage::CellText(row[2]);
+        const std::string provider_key = storage::CellText(row[3]);
+        const std::string access_key = storage::CellText(row[4]);
+        const std::string user = storage::CellText(row[5]);
+        auto it = rollups.find(
+            RollupKey{storage::CellInt(row[0]), provider, model, provider_key, access_key, user});
         if (it == rollups.end()) continue;
         if (!AddHistogram(storage::CellText(row[6]), it->second.slots)) {
           return absl::DataLossError("a stored latency histogram is malformed");
@@ -489,14 +496,27 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
     std::vector<SqlRow> rollup_rows;
     rollup_rows.reserve(rollups.size());
     for (const auto& [k, t] : rollups) {
-      rollup_rows.push_back(
-          {SqlCell(std::get<0>(k)), SqlCell(std::get<1>(k)), SqlCell(std::get<2>(k)),
-           SqlCell(std::get<3>(k)), SqlCell(std::get<4>(k)), SqlCell(std::get<5>(k)),
-           SqlCell(t.requests),     SqlCell(t.errors),       SqlCell(t.cancelled),
-           SqlCell(t.input),        SqlCell(t.output),       SqlCell(t.cache_read),
-           SqlCell(t.cache_write),  SqlCell(t.reasoning),    SqlCell(t.cost),
-           SqlCell(t.unpriced),     SqlCell(t.latency_sum),  SqlCell(t.ttft_sum),
-           SqlCell(t.ttft_count),   SqlCell(lane64),         SqlCell(EncodeHistogram(t.slots))});
+      rollup_rows.push_back({SqlCell(std::get<0>(k)),
+                             SqlCell(std::string(std::get<1>(k))),
+                             SqlCell(std::string(std::get<2>(k))),
+                             SqlCell(std::string(std::get<3>(k))),
+                             SqlCell(std::string(std::get<4>(k))),
+                             SqlCell(std::string(std::get<5>(k))),
+                             SqlCell(t.requests),
+                             SqlCell(t.errors),
+                             SqlCell(t.cancelled),
+                             SqlCell(t.input),
+                             SqlCell(t.output),
+                             SqlCell(t.cache_read),
+                             SqlCell(t.cache_write),
+                             SqlCell(t.reasoning),
+                             SqlCell(t.cost),
+                             SqlCell(t.unpriced),
+                             SqlCell(t.latency_sum),
+                             SqlCell(t.ttft_sum),
+                             SqlCell(t.ttft_count),
+                             SqlCell(lane64),
+                             SqlCell(EncodeHistogram(t.slots))});
     }
     if (absl::Status s = InsertRows(tx, postgres_, kInsertRollups, "itttttiiiiiiiiiiiiiit",
                                     rollup_rows, kRollupConflict);
@@ -506,8 +526,8 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
     std::vector<SqlRow> key_rows;
     key_rows.reserve(key_days.size());
     for (const auto& [k, t] : key_days) {
-      key_rows.push_back({SqlCell(k.first), SqlCell(k.second), SqlCell(t.requests),
-                          SqlCell(t.input), SqlCell(t.cost), SqlCell(lane64)});
+      key_rows.push_back({SqlCell(std::string(k.first)), SqlCell(absl::FormatCivilTime(k.second)),
+                          SqlCell(t.requests), SqlCell(t.input), SqlCell(t.cost), SqlCell(lane64)});
     }
     if (absl::Status s =
             InsertRows(tx, postgres_, kInsertKeyRecorded, "ttiiii", key_rows, kKeyRecordedConflict);
@@ -540,25 +560,30 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
     if (head->empty()) return absl::InternalError("the usage feed row is missing");
     std::int64_t seq = storage::CellInt(head->front()[0]) - static_cast<std::int64_t>(fresh.size());
 
-    // 4. The records and their request_ids.
-    std::vector<SqlRow> record_rows;
-    std::vector<SqlRow> id_rows;
-    record_rows.reserve(fresh.size());
-    id_rows.reserve(fresh.size());
+    // 4. The records and their request_ids, written straight from the records.
     for (size_t i : fresh) {
-      const v1::UsageRecord& r = records[i].record;
       outcomes[i].seq = ++seq;
       outcomes[i].record_time = absl::FromUnixMicros(record_micros);
-      record_rows.push_back(RecordRow(r, seq, record_micros));
-      id_rows.push_back({SqlCell(r.request_id()), SqlCell(seq), SqlCell(record_micros),
-                         SqlCell(records[i].content_hash)});
     }
-    if (absl::Status s =
-            tx.CopyRows("usage_request_ids", "request_id, seq, record_time, content_hash", id_rows);
+    if (absl::Status s = tx.CopyRows("usage_request_ids",
+                                     "request_id, seq, record_time, content_hash", fresh.size(),
+                                     [&](size_t k, storage::RowSink& sink) {
+                                       const size_t i = fresh[k];
+                                       sink.Text(records[i].record.request_id());
+                                       sink.Int(outcomes[i].seq);
+                                       sink.Int(record_micros);
+                                       sink.Text(records[i].content_hash);
+                                     });
         !s.ok()) {
       return s;
     }
-    if (absl::Status s = tx.CopyRows("usage_records", kRecordColumns, record_rows); !s.ok()) {
+    if (absl::Status s = tx.CopyRows("usage_records", kRecordColumns, fresh.size(),
+                                     [&](size_t k, storage::RowSink& sink) {
+                                       const size_t i = fresh[k];
+                                       WriteRecordRow(records[i].record, outcomes[i].seq,
+                                                      record_micros, sink);
+                                     });
+        !s.ok()) {
       return s;
     }
     return absl::OkStatus();

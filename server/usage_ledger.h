@@ -64,7 +64,8 @@ class UsageLedger final {
   // Validates `in` (violations named `prefix` + field) and computes its
   // cost from the catalog price in force at its time. `principal` is the
   // caller (`accessKeys/<id>`), the default access_key.
-  bool Prepare(const v1::UsageRecord& in, absl::string_view principal, absl::string_view prefix,
+  // `in` by value: a caller done with its record moves it in (no copy).
+  bool Prepare(v1::UsageRecord in, absl::string_view principal, absl::string_view prefix,
                PreparedRecord& out, std::vector<FieldViolation>& violations) const;
 
   // Stores a batch in one transaction. Outcomes are parallel to `records`;

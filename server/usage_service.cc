@@ -105,11 +105,16 @@ class IngestReactor final
         r->set_description(absl::StrCat("a batch holds at most ", kMaxBatch, " records"));
       }
     } else {
+      prepared.reserve(request_.records_size());
+      std::string prefix;
       for (int i = 0; i < request_.records_size(); ++i) {
         std::vector<FieldViolation> violations;
         PreparedRecord p;
-        if (ledger_.Prepare(request_.records(i), auth_->caller().principal,
-                            absl::StrCat("records[", i, "]."), p, violations)) {
+        prefix.assign("records[");
+        absl::StrAppend(&prefix, i, "].");
+        // The record is moved out of the request (read into again next).
+        if (ledger_.Prepare(std::move(*request_.mutable_records(i)), auth_->caller().principal,
+                            prefix, p, violations)) {
           ids.push_back(p.record.request_id());
           prepared.push_back(std::move(p));
           index.push_back(i);
@@ -117,7 +122,7 @@ class IngestReactor final
         }
         v1::RejectedRecord* r = ack.add_rejected();
         r->set_index(i);
-        r->set_request_id(request_.records(i).request_id());
+        r->set_request_id(p.record.request_id());
         r->set_reason("INVALID_ARGUMENT");
         r->set_field(violations.front().field);
         r->set_description(violations.front().description);

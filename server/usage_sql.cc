@@ -25,37 +25,48 @@ const std::vector<SqlType>& RecordColumns() {
   return columns;
 }
 
-storage::SqlRow RecordRow(const v1::UsageRecord& r, std::int64_t seq, std::int64_t record_micros) {
+void WriteRecordRow(const v1::UsageRecord& r, std::int64_t seq, std::int64_t record_micros,
+                    storage::RowSink& sink) {
   auto micros = [](const google::protobuf::Duration& d) {
     return absl::ToInt64Microseconds(FromProto(d));
   };
-  return {SqlCell(seq),
-          SqlCell(record_micros),
-          SqlCell(absl::ToUnixMicros(FromProto(r.time()))),
-          SqlCell(r.request_id()),
-          SqlCell(r.provider()),
-          SqlCell(r.model()),
-          SqlCell(r.provider_key()),
-          SqlCell(r.access_key()),
-          SqlCell(r.user()),
-          SqlCell(r.conversation()),
-          SqlCell(r.message()),
-          SqlCell(r.tokens().input()),
-          SqlCell(r.tokens().output()),
-          SqlCell(r.tokens().cache_read()),
-          SqlCell(r.tokens().cache_write()),
-          SqlCell(r.tokens().reasoning()),
-          SqlCell(micros(r.latency())),
-          r.has_time_to_first_token() ? SqlCell(micros(r.time_to_first_token())) : SqlCell(),
-          SqlCell(v1::UsageStatus_Name(r.status())),
-          SqlCell(r.error_class()),
-          SqlCell(r.cost_nanos()),
-          SqlCell(std::int64_t{r.priced() ? 1 : 0}),
-          r.has_price_effective_time()
-              ? SqlCell(absl::ToUnixMicros(FromProto(r.price_effective_time())))
-              : SqlCell(),
-          r.has_reported_cost_nanos() ? SqlCell(r.reported_cost_nanos()) : SqlCell(),
-          SqlCell(r.reservation())};
+  sink.Int(seq);
+  sink.Int(record_micros);
+  sink.Int(absl::ToUnixMicros(FromProto(r.time())));
+  sink.Text(r.request_id());
+  sink.Text(r.provider());
+  sink.Text(r.model());
+  sink.Text(r.provider_key());
+  sink.Text(r.access_key());
+  sink.Text(r.user());
+  sink.Text(r.conversation());
+  sink.Text(r.message());
+  sink.Int(r.tokens().input());
+  sink.Int(r.tokens().output());
+  sink.Int(r.tokens().cache_read());
+  sink.Int(r.tokens().cache_write());
+  sink.Int(r.tokens().reasoning());
+  sink.Int(micros(r.latency()));
+  if (r.has_time_to_first_token()) {
+    sink.Int(micros(r.time_to_first_token()));
+  } else {
+    sink.Null();
+  }
+  sink.Text(v1::UsageStatus_Name(r.status()));
+  sink.Text(r.error_class());
+  sink.Int(r.cost_nanos());
+  sink.Int(r.priced() ? 1 : 0);
+  if (r.has_price_effective_time()) {
+    sink.Int(absl::ToUnixMicros(FromProto(r.price_effective_time())));
+  } else {
+    sink.Null();
+  }
+  if (r.has_reported_cost_nanos()) {
+    sink.Int(r.reported_cost_nanos());
+  } else {
+    sink.Null();
+  }
+  sink.Text(r.reservation());
 }
 
 std::string EncodeHistogram(const std::map<int, std::int64_t>& slots) {

@@ -67,9 +67,9 @@ bool AddHistogram(absl::string_view text, std::map<int, std::int64_t>& slots);
 
 // Column types of kSelectRecords.
 const std::vector<storage::SqlType>& RecordColumns();
-// The cells of kRecordColumns for one record.
-storage::SqlRow RecordRow(const v1::UsageRecord& record, std::int64_t seq,
-                          std::int64_t record_micros);
+// The cells of kRecordColumns for one record, written to `sink`.
+void WriteRecordRow(const v1::UsageRecord& record, std::int64_t seq, std::int64_t record_micros,
+                    storage::RowSink& sink);
 // A row of kSelectRecords as a record (with its cursor).
 v1::UsageRecord DecodeRecord(const storage::SqlRow& row);
 

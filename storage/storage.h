@@ -116,6 +116,17 @@ class Reader {
       absl::string_view request_id) = 0;
 };
 
+// Receives the cells of one row of ReadWriteTx::CopyRows, in column order.
+class RowSink {
+ public:
+  virtual ~RowSink() = default;
+  virtual void Int(std::int64_t value) = 0;
+  virtual void Text(absl::string_view value) = 0;
+  virtual void Null() = 0;
+  // One cell.
+  void Cell(const SqlCell& cell);
+};
+
 class ReadWriteTx : public Reader {
  public:
   // Inserts a new resource at revision 1. ALREADY_EXISTS when the name exists.
@@ -140,11 +151,16 @@ class ReadWriteTx : public Reader {
   // returns the number of rows affected.
   virtual absl::StatusOr<std::int64_t> Exec(absl::string_view sql,
                                             const std::vector<SqlCell>& params) = 0;
-  // Inserts many rows into `table`, in bulk: `columns` names them ("a, b"),
-  // and every row has one cell per column. COPY on PostgreSQL, one prepared
-  // statement reused for every row on SQLite. ALREADY_EXISTS on a duplicate key.
-  virtual absl::Status CopyRows(absl::string_view table, absl::string_view columns,
-                                const std::vector<SqlRow>& rows) = 0;
+  // Inserts `count` rows into `table`, in bulk: `columns` names them
+  // ("a, b"), and `fill(i, sink)` writes row i's cells, one per column, in
+  // order (straight from the caller's data: no cells are built). COPY on
+  // PostgreSQL, one prepared statement reused for every row on SQLite.
+  // ALREADY_EXISTS on a duplicate key.
+  virtual absl::Status CopyRows(absl::string_view table, absl::string_view columns, size_t count,
+                                absl::FunctionRef<void(size_t, RowSink&)> fill) = 0;
+  // The same for rows of cells, one per column.
+  absl::Status CopyRows(absl::string_view table, absl::string_view columns,
+                        const std::vector<SqlRow>& rows);
 };
 
 // Capabilities that differ between engines (named so tests can skip by name).

@@ -40,7 +40,7 @@ class Dialect {
   // Bulk insert behind ReadWriteTx::CopyRows, through the driver's native
   // connection (SOCI has no COPY); throws soci errors like SOCI does.
   virtual void CopyRows(soci::session& session, absl::string_view table, absl::string_view columns,
-                        const std::vector<SqlRow>& rows) const = 0;
+                        size_t count, absl::FunctionRef<void(size_t, RowSink&)> fill) const = 0;
   // Table existence check, for the migration runner.
   virtual std::string TableExistsQuery() const = 0;
   // Maps a driver error to a status: constraint kinds, conflicts (ABORTED),

@@ -74,7 +74,7 @@ class SqlTx final : public ReadWriteTx {
     Params params;
     std::vector<std::string> where;
     if (query.parent.has_value()) {
-      where.push_back("parent = :parent");
+      where.emplace_back("parent = :parent");
       params.AddString("parent", *query.parent);
     }
     if (!filter->sql.empty()) {
@@ -99,8 +99,9 @@ class SqlTx final : public ReadWriteTx {
     std::string select = SelectList(schema);
     if (query.keys_only) {
       select = "name, revision";
-      for (const OrderTerm& term : query.order)
+      for (const OrderTerm& term : query.order) {
         absl::StrAppend(&select, ", ", SortExpression(term.column));
+      }
     }
     std::string sql = absl::StrCat("SELECT ", select, " FROM ", schema.table());
     if (!where.empty()) absl::StrAppend(&sql, " WHERE ", absl::StrJoin(where, " AND "));
@@ -123,8 +124,9 @@ class SqlTx final : public ReadWriteTx {
         result.items.push_back(std::move(item));
         have = statement.fetch();
       }
-      if (!result.items.empty())
+      if (!result.items.empty()) {
         result.last_key = SortKeyOf(*result.items.back().message, query.order);
+      }
       return result;
     });
   }
@@ -147,7 +149,11 @@ class SqlTx final : public ReadWriteTx {
                                                         int limit) override {
     return Guard<std::vector<ChangeRecord>>([&]() -> absl::StatusOr<std::vector<ChangeRecord>> {
       std::vector<ChangeRecord> out;
-      long long seq = 0, micros = 0, after = after_seq, lim = limit;  // NOLINT(google-runtime-int)
+      // SOCI binds long long.
+      long long seq = 0;            // NOLINT(google-runtime-int)
+      long long micros = 0;         // NOLINT(google-runtime-int)
+      long long after = after_seq;  // NOLINT(google-runtime-int)
+      long long lim = limit;        // NOLINT(google-runtime-int)
       ChangeRecord r;
       soci::statement statement =
           (session_.prepare << "SELECT seq, change_time, resource_type, resource_name, "
@@ -332,11 +338,12 @@ class SqlTx final : public ReadWriteTx {
     });
   }
 
-  absl::Status CopyRows(absl::string_view table, absl::string_view columns,
-                        const std::vector<SqlRow>& rows) override {
-    if (rows.empty()) return absl::OkStatus();
+  using ReadWriteTx::CopyRows;
+  absl::Status CopyRows(absl::string_view table, absl::string_view columns, size_t count,
+                        absl::FunctionRef<void(size_t, RowSink&)> fill) override {
+    if (count == 0) return absl::OkStatus();
     return Guard<bool>([&]() -> absl::StatusOr<bool> {
-             dialect_.CopyRows(session_, table, columns, rows);
+             dialect_.CopyRows(session_, table, columns, count, fill);
              return true;
            })
         .status();

@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <variant>
@@ -25,6 +27,38 @@ struct StatementDeleter {
 [[noreturn]] void ThrowSqlite(sqlite_api::sqlite3* db, int code) {
   throw soci::sqlite3_soci_error(sqlite_api::sqlite3_errmsg(db), code);
 }
+
+// Binds a row's cells to the parameters of an INSERT, in order. Text is
+// copied by SQLite (SQLITE_TRANSIENT): the caller's values may be temporaries.
+class BindSink final : public RowSink {
+ public:
+  BindSink(sqlite_api::sqlite3* db, sqlite_api::sqlite3_stmt* statement)
+      : db_(db), statement_(statement) {}
+
+  void StartRow() { index_ = 0; }
+  void Int(std::int64_t value) override {
+    Check(sqlite_api::sqlite3_bind_int64(statement_, ++index_, value));
+  }
+  void Text(absl::string_view value) override {
+    Check(sqlite_api::sqlite3_bind_text(statement_, ++index_, value.data(),
+                                        static_cast<int>(value.size()), Transient()));
+  }
+  void Null() override { Check(sqlite_api::sqlite3_bind_null(statement_, ++index_)); }
+
+ private:
+  // SQLITE_TRANSIENT, spelled with the namespace SOCI puts sqlite3.h in.
+  static sqlite_api::sqlite3_destructor_type Transient() {
+    // NOLINTNEXTLINE(performance-no-int-to-ptr): SQLite's documented sentinel
+    return reinterpret_cast<sqlite_api::sqlite3_destructor_type>(static_cast<std::intptr_t>(-1));
+  }
+  void Check(int code) const {
+    if (code != SQLITE_OK) ThrowSqlite(db_, code);
+  }
+
+  sqlite_api::sqlite3* db_;
+  sqlite_api::sqlite3_stmt* statement_;
+  int index_ = 0;
+};
 
 class SqliteDialect final : public Dialect {
  public:
@@ -59,10 +93,10 @@ class SqliteDialect final : public Dialect {
   }
   void UnlockMigrations(soci::session& /*session*/) const override {}
   void CopyRows(soci::session& session, absl::string_view table, absl::string_view columns,
-                const std::vector<SqlRow>& rows) const override {
+                size_t count, absl::FunctionRef<void(size_t, RowSink&)> fill) const override {
     sqlite_api::sqlite3* db =
         static_cast<soci::sqlite3_session_backend*>(session.get_backend())->conn_;
-    const size_t width = rows.front().size();
+    const size_t width = static_cast<size_t>(std::count(columns.begin(), columns.end(), ',')) + 1;
     std::string sql = absl::StrCat("INSERT INTO ", table, " (", columns, ") VALUES (");
     for (size_t i = 0; i < width; ++i) sql.append(i == 0 ? "?" : ", ?");
     sql.push_back(')');
@@ -71,22 +105,10 @@ class SqliteDialect final : public Dialect {
                                               nullptr);
     std::unique_ptr<sqlite_api::sqlite3_stmt, StatementDeleter> statement(raw);
     if (code != SQLITE_OK) ThrowSqlite(db, code);
-    for (const SqlRow& row : rows) {
-      for (size_t i = 0; i < width; ++i) {
-        const int index = static_cast<int>(i) + 1;
-        const SqlCell& cell = row[i];
-        if (!cell.has_value()) {
-          code = sqlite_api::sqlite3_bind_null(raw, index);
-        } else if (const auto* n = std::get_if<std::int64_t>(&*cell)) {
-          code = sqlite_api::sqlite3_bind_int64(raw, index, *n);
-        } else {
-          const auto& text = std::get<std::string>(*cell);
-          // The row outlives the step: no copy.
-          code = sqlite_api::sqlite3_bind_text(raw, index, text.data(),
-                                               static_cast<int>(text.size()), SQLITE_STATIC);
-        }
-        if (code != SQLITE_OK) ThrowSqlite(db, code);
-      }
+    BindSink sink(db, raw);
+    for (size_t r = 0; r < count; ++r) {
+      sink.StartRow();
+      fill(r, sink);
       code = sqlite_api::sqlite3_step(raw);
       if (code != SQLITE_DONE) ThrowSqlite(db, sqlite_api::sqlite3_extended_errcode(db));
       sqlite_api::sqlite3_reset(raw);
