@@ -98,6 +98,9 @@ void UsageWriter::Loop(int lane) {
 
 void UsageWriter::Commit(std::vector<Item>& group, int lane) {
   std::vector<PreparedRecord> all;
+  size_t total = 0;
+  for (const Item& item : group) total += item.records.size();
+  all.reserve(total);
   for (Item& item : group) {
     for (PreparedRecord& r : item.records) all.push_back(std::move(r));
   }
