@@ -5,7 +5,8 @@
 //   - ends WatchUsage, WatchCatalog and WatchAlerts with the error a new call would get, and
 //     no record written after the refusal reaches the watcher;
 //   - ends IngestUsage at the next batch, which is neither acknowledged nor stored;
-// while streams of other keys (the rotated key's new token) go on.
+// while streams of other keys (the rotated key's new token) go on; a revocation on one
+// replica ends the key's streams on another (PostgreSQL).
 //
 // Waits poll with generous deadlines; measured delays are printed, never asserted.
 #include <algorithm>
@@ -188,18 +189,21 @@ class StreamAuthTest : public EngineTest {
     return created.value_or(v1::CreateAccessKeyResponse());
   }
 
-  // A call that needs SCOPE_USAGE_READ, made with `token`.
-  absl::Status Probe(const std::string& token) {
-    auto stub = v1::UsageService::NewStub(server_->ChannelWithToken(token));
-    v1::QueryUsageRequest request;
-    return Invoke(*stub, &v1::UsageService::Stub::QueryUsage, request).status();
+  // A valid call that needs SCOPE_USAGE_READ, made with `token` on `server`.
+  static absl::Status Probe(const ServerProcess& server, const std::string& token) {
+    auto stub = v1::UsageService::NewStub(server.ChannelWithToken(token));
+    v1::ListUsageRecordsRequest request;
+    request.set_page_size(1);
+    return Invoke(*stub, &v1::UsageService::Stub::ListUsageRecords, request).status();
   }
 
-  // Polls until a call with `token` is refused; false when it never is.
-  bool WaitUntilRefused(const std::string& token) {
+  // Polls until a call with `token` on `server` is accepted (`accepted`) or refused as
+  // unauthenticated; false when that never happens.
+  static bool WaitFor(const ServerProcess& server, const std::string& token, bool accepted) {
     const absl::Time start = absl::Now();
     while (absl::Now() - start < kPollDeadline) {
-      if (!Probe(token).ok()) return true;
+      const absl::Status status = Probe(server, token);
+      if (accepted ? status.ok() : absl::IsUnauthenticated(status)) return true;
       absl::SleepFor(absl::Milliseconds(20));
     }
     return false;
@@ -209,6 +213,14 @@ class StreamAuthTest : public EngineTest {
     v1::RecordUsageRequest request;
     *request.mutable_record() = record;
     return Invoke(*admin_usage_, &v1::UsageService::Stub::RecordUsage, request);
+  }
+
+  // A second server on the same database and key files (a replica).
+  std::unique_ptr<ServerProcess> StartReplica() {
+    absl::StatusOr<std::unique_ptr<ServerProcess>> replica =
+        ServerProcess::Start(url(), {"--feed-poll-ms", "100", "--shutdown-timeout", "5"});
+    EXPECT_TRUE(replica.ok()) << replica.status();
+    return replica.ok() ? *std::move(replica) : nullptr;
   }
 
   std::unique_ptr<ServerProcess> server_;
@@ -247,8 +259,9 @@ TEST_P(StreamAuthTest, RevocationEndsEveryStreamOfTheKey) {
   ASSERT_TRUE(catalog_watch.Next());
   ASSERT_TRUE(alerts_watch.Next());
 
-  // Before the revocation the key's streams work: a record reaches the watcher, a batch is
-  // acknowledged.
+  // Before the revocation the key works, and so do its streams: a record reaches the
+  // watcher, a batch is acknowledged.
+  ASSERT_TRUE(Probe(*server_, key.token()).ok()) << Describe(Probe(*server_, key.token()));
   const absl::Time now = absl::Now();
   ASSERT_TRUE(RecordAsAdmin(UsageRecordOf("before", now, kModel, "alice", 10, 5)).ok());
   IngestStream ingest(*usage);
@@ -264,7 +277,7 @@ TEST_P(StreamAuthTest, RevocationEndsEveryStreamOfTheKey) {
   revoke.set_name(key.access_key().name());
   ASSERT_TRUE(Invoke(*admin_access_, &v1::AccessService::Stub::RevokeAccessKey, revoke).ok());
   const absl::Time revoked_at = absl::Now();
-  ASSERT_TRUE(WaitUntilRefused(key.token()));
+  ASSERT_TRUE(WaitFor(*server_, key.token(), false));
   // Written once the server refuses the key: no stream of that key may deliver it.
   ASSERT_TRUE(RecordAsAdmin(UsageRecordOf("after", now, kModel, "alice", 10, 5)).ok());
 
@@ -351,7 +364,38 @@ TEST_P(StreamAuthTest, RotationEndsTheOldTokensStreamsAfterTheGrace) {
   EXPECT_EQ(new_watch.messages().size(), seen + 2);
 }
 
+class StreamAuthReplicaTest : public StreamAuthTest {};
+
+// Revoked on replica A: a stream of that key on replica B ends once B has the change from
+// the feed (at its next message; checkpoints come every second).
+TEST_P(StreamAuthReplicaTest, RevocationOnOneReplicaEndsTheStreamsOnAnother) {
+  std::unique_ptr<ServerProcess> replica = StartReplica();
+  ASSERT_NE(replica, nullptr);
+  const v1::CreateAccessKeyResponse key = CreateKey();
+  ASSERT_FALSE(key.token().empty());
+  ASSERT_TRUE(WaitFor(*replica, key.token(), true)) << "B never accepted a key created on A";
+  auto on_b = v1::UsageService::NewStub(replica->ChannelWithToken(key.token()));
+  v1::WatchUsageRequest request;
+  request.set_checkpoint_interval_seconds(1);
+  ServerStream<v1::WatchUsageResponse> watch(*on_b, &v1::UsageService::Stub::WatchUsage, request);
+  ASSERT_TRUE(watch.Next());
+
+  v1::RevokeAccessKeyRequest revoke;
+  revoke.set_name(key.access_key().name());
+  ASSERT_TRUE(Invoke(*admin_access_, &v1::AccessService::Stub::RevokeAccessKey, revoke).ok());
+  const absl::Time revoked_at = absl::Now();
+  const absl::Status end = watch.ReadToEnd();
+  std::cout << "replica_watch_ended_ms_after_revoke="
+            << absl::ToInt64Milliseconds(absl::Now() - revoked_at) << "\n";
+  EXPECT_TRUE(IsError(end, absl::StatusCode::kUnauthenticated, "", "ACCESS_KEY_REVOKED"))
+      << Describe(end);
+  replica->Stop(SIGTERM, absl::Seconds(15));
+}
+
 INSTANTIATE_TEST_SUITE_P(Engines, StreamAuthTest, conformance::AllEngines(),
+                         conformance::NameGen());
+INSTANTIATE_TEST_SUITE_P(Postgres, StreamAuthReplicaTest,
+                         ::testing::Values(conformance::EngineParam{"postgres"}),
                          conformance::NameGen());
 
 }  // namespace
