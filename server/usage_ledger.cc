@@ -335,8 +335,11 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::Write(
   absl::StatusOr<std::vector<RecordOutcome>> outcomes = WriteOnce(records, alerts, lane, false);
   // A stored request_id (a retry), or two writers racing on one: every
   // further attempt looks the batch's ids up, and each ALREADY_EXISTS means
-  // another writer committed one of them meanwhile.
-  while (absl::IsAlreadyExists(outcomes.status())) {
+  // another writer committed one of them meanwhile. Bounded, so that a
+  // conflict that lookups cannot explain fails the batch instead of looping.
+  constexpr int kLookupAttempts = 8;
+  for (int attempt = 0; attempt < kLookupAttempts && absl::IsAlreadyExists(outcomes.status());
+       ++attempt) {
     outcomes = WriteOnce(records, alerts, lane, true);
   }
   return outcomes;

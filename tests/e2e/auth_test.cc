@@ -72,12 +72,11 @@ namespace {
 
 using ::google::protobuf::util::TimeUtil;
 using ::modelvault::conformance::EngineTest;
-using ::modelvault::testing::CommandResult;
 using ::modelvault::testing::Describe;
 using ::modelvault::testing::ErrorMetadata;
 using ::modelvault::testing::FieldsOf;
 using ::modelvault::testing::IsError;
-using ::modelvault::testing::RunModelvault;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::ServerProcess;
 using ::testing::ElementsAre;
 using ::testing::HasSubstr;
@@ -392,8 +391,7 @@ class AuthTest : public EngineTest {
   void SetUp() override {
     EngineTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    const CommandResult migrate = RunModelvault({"migrate", "up", "--database", url()});
-    ASSERT_EQ(migrate.exit_code, 0) << migrate.output;
+    ASSERT_EQ(PrepareDatabase(url(), /*seed=*/false), absl::OkStatus());
     ASSERT_NO_FATAL_FAILURE(StartServer());
   }
 
@@ -956,8 +954,7 @@ TEST_P(AuthReplicaTest, ConcurrentFirstStartsCreateOneAdminKey) {
       conformance::CreateTestDatabase("postgres");
   ASSERT_TRUE(fresh.ok()) << fresh.status();
   const std::string fresh_url = (*fresh)->url();
-  const CommandResult migrate = RunModelvault({"migrate", "up", "--database", fresh_url});
-  ASSERT_EQ(migrate.exit_code, 0) << migrate.output;
+  ASSERT_EQ(PrepareDatabase(fresh_url, /*seed=*/false), absl::OkStatus());
 
   // The master key first: the harness makes it on first use, which must not race.
   testing::KeyDirFor(fresh_url);

@@ -50,12 +50,11 @@ namespace {
 
 using ::google::protobuf::util::TimeUtil;
 using ::modelvault::conformance::EngineTest;
-using ::modelvault::testing::CommandResult;
 using ::modelvault::testing::Describe;
 using ::modelvault::testing::ErrorMetadata;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::IsError;
-using ::modelvault::testing::RunModelvault;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::ServerProcess;
 using ::modelvault::testing::UsageRecordOf;
 using ::testing::ElementsAre;
@@ -144,10 +143,7 @@ class BudgetsApiTest : public EngineTest {
   void SetUp() override {
     EngineTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    const CommandResult migrated = RunModelvault({"migrate", "up", "--database", url()});
-    ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
-    const CommandResult seeded = RunModelvault({"seed", "--database", url()});
-    ASSERT_EQ(seeded.exit_code, 0) << seeded.output;
+    ASSERT_EQ(PrepareDatabase(url()), absl::OkStatus());
     absl::StatusOr<std::unique_ptr<ServerProcess>> server =
         ServerProcess::Start(url(), {"--shutdown-timeout", "5"});
     ASSERT_TRUE(server.ok()) << server.status();

@@ -60,6 +60,7 @@ using ::modelvault::conformance::EqualsProto;
 using ::modelvault::testing::CommandResult;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::IsError;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::RunModelvault;
 using ::modelvault::testing::RunShell;
 using ::modelvault::testing::ServerProcess;
@@ -272,8 +273,7 @@ class CatalogApiTest : public EngineTest {
   void SetUp() override {
     EngineTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    const CommandResult migrate = RunModelvault({"migrate", "up", "--database", url()});
-    ASSERT_EQ(migrate.exit_code, 0) << migrate.output;
+    ASSERT_EQ(PrepareDatabase(url(), /*seed=*/false), absl::OkStatus());
     absl::StatusOr<std::unique_ptr<ServerProcess>> server = ServerProcess::Start(url());
     ASSERT_TRUE(server.ok()) << server.status();
     server_ = *std::move(server);

@@ -70,6 +70,7 @@ using ::modelvault::testing::IsError;
 using ::modelvault::testing::KeyDirFor;
 using ::modelvault::testing::MakeTempDir;
 using ::modelvault::testing::ModelvaultBinary;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::RunModelvault;
 using ::modelvault::testing::RunShell;
 using ::modelvault::testing::ServerProcess;
@@ -160,8 +161,7 @@ class CredentialsApiTest : public EngineTest {
   void SetUp() override {
     EngineTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    const CommandResult migrate = RunModelvault({"migrate", "up", "--database", url()});
-    ASSERT_EQ(migrate.exit_code, 0) << migrate.output;
+    ASSERT_EQ(PrepareDatabase(url(), /*seed=*/false), absl::OkStatus());
   }
 
   void TearDown() override {

@@ -57,6 +57,7 @@ using ::modelvault::testing::ErrorMetadata;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::MakeTempDir;
 using ::modelvault::testing::ModelvaultBinary;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::RunModelvault;
 using ::modelvault::testing::RunShell;
 using ::modelvault::testing::ServerProcess;
@@ -129,12 +130,7 @@ absl::Status DeleteModel(Stub& stub, const std::string& name) {
 std::string Describe(const v1::WatchCatalogResponse& message) { return message.ShortDebugString(); }
 
 // Migrates and seeds `url` with the CLI.
-void MigrateAndSeed(const std::string& url) {
-  const CommandResult migrated = RunModelvault({"migrate", "up", "--database", url});
-  ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
-  const CommandResult seeded = RunModelvault({"seed", "--database", url});
-  ASSERT_EQ(seeded.exit_code, 0) << seeded.output;
-}
+void MigrateAndSeed(const std::string& url) { ASSERT_EQ(PrepareDatabase(url), absl::OkStatus()); }
 
 // Runs `modelvault serve --database URL --listen 127.0.0.1:0 EXTRA...` to completion, for
 // starts that must fail; `timeout` ends it (exit code 124) if it serves instead.
@@ -505,8 +501,7 @@ TEST_F(PostgresLifecycleTest, ServeRefusesAnUnmigratedDatabaseUnlessToldToMigrat
 }
 
 TEST_F(PostgresLifecycleTest, ServeRefusesADatabaseNewerThanTheBinary) {
-  const CommandResult migrated = RunModelvault({"migrate", "up", "--database", url()});
-  ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
+  ASSERT_EQ(PrepareDatabase(url(), /*seed=*/false), absl::OkStatus());
   ASSERT_TRUE(conformance::ExecuteSql(
                   url(), "INSERT INTO schema_version VALUES (9999, '9999_future', 'x', 0)")
                   .ok());

@@ -1,14 +1,15 @@
 #include "tests/e2e/server_process.h"
 
 #include <fcntl.h>
-#include <signal.h>
-#include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
+#include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -35,10 +36,11 @@ CommandResult RunShell(const std::string& command) {
   CommandResult result;
   FILE* pipe = popen((command + " 2>&1").c_str(), "r");
   if (pipe == nullptr) return result;
-  std::array<char, 4096> buffer;
+  std::array<char, 4096> buffer{};
   size_t n = 0;
-  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0)
+  while ((n = fread(buffer.data(), 1, buffer.size(), pipe)) > 0) {
     result.output.append(buffer.data(), n);
+  }
   const int status = pclose(pipe);
   result.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return result;
@@ -46,16 +48,30 @@ CommandResult RunShell(const std::string& command) {
 
 CommandResult RunModelvault(const std::vector<std::string>& args) {
   std::vector<std::string> quoted;
+  quoted.reserve(args.size());
   for (const std::string& a : args) quoted.push_back(absl::StrCat("'", a, "'"));
   return RunShell(absl::StrCat("'", ModelvaultBinary(), "' ", absl::StrJoin(quoted, " ")));
 }
 
+absl::Status PrepareDatabase(const std::string& database_url, bool seed) {
+  std::vector<std::vector<std::string>> commands = {{"migrate", "up", "--database", database_url}};
+  if (seed) commands.push_back({"seed", "--database", database_url});
+  for (const std::vector<std::string>& args : commands) {
+    const CommandResult result = RunModelvault(args);
+    if (result.exit_code != 0) {
+      return absl::InternalError(absl::StrCat("modelvault ", args.front(), " exited with ",
+                                              result.exit_code, ": ", result.output));
+    }
+  }
+  return absl::OkStatus();
+}
+
 std::string KeyDirFor(const std::string& database_url) {
-  const std::string dir =
+  std::string dir =
       absl::StrCat("/tmp/mv-e2e-keys/", storage::Sha256Hex(database_url).substr(0, 16));
   RunShell(absl::StrCat("mkdir -p '", dir, "'"));
   const std::string key = dir + "/master.key";
-  struct stat info;
+  struct stat info {};
   if (stat(key.c_str(), &info) != 0) {
     // Generated aside and linked into place: servers starting at once on a new
     // database agree on one key (link() never replaces an existing file).
@@ -70,10 +86,8 @@ std::string KeyDirFor(const std::string& database_url) {
 namespace {
 
 bool HasFlag(const std::vector<std::string>& args, const std::string& flag) {
-  for (const std::string& a : args) {
-    if (a == flag || a.rfind(flag + "=", 0) == 0) return true;
-  }
-  return false;
+  return std::ranges::any_of(
+      args, [&flag](const std::string& a) { return a == flag || a.rfind(flag + "=", 0) == 0; });
 }
 
 std::string ReadToken(const std::string& path) {
@@ -117,6 +131,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
     sigemptyset(&none);
     sigprocmask(SIG_SETMASK, &none, nullptr);
     std::vector<char*> argv;
+    argv.reserve(args.size() + 1);
     for (std::string& a : args) argv.push_back(a.data());
     argv.push_back(nullptr);
     execv(argv[0], argv.data());
@@ -124,7 +139,7 @@ absl::StatusOr<std::unique_ptr<ServerProcess>> ServerProcess::Start(
   }
   server->pid_ = pid;
   for (int i = 0; i < 600; ++i) {  // up to 60 s: a cold start migrates first
-    struct stat info;
+    struct stat info {};
     if (unix_socket && stat(listen.substr(5).c_str(), &info) == 0 && S_ISSOCK(info.st_mode)) {
       server->target_ = listen;
       server->token_ = ReadToken(server->token_file_);

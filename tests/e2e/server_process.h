@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "grpcpp/grpcpp.h"
@@ -27,6 +28,9 @@ struct CommandResult {
   std::string output;  // stdout and stderr together
 };
 CommandResult RunModelvault(const std::vector<std::string>& args);
+// `modelvault migrate up` on `database_url`, then `modelvault seed` unless `seed` is false;
+// the failing command's output in the error.
+absl::Status PrepareDatabase(const std::string& database_url, bool seed = true);
 // Runs a shell command line; returns exit code and output.
 CommandResult RunShell(const std::string& command);
 

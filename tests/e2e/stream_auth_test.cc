@@ -41,11 +41,10 @@ namespace modelvault::e2e {
 namespace {
 
 using ::modelvault::conformance::EngineTest;
-using ::modelvault::testing::CommandResult;
 using ::modelvault::testing::Describe;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::IsError;
-using ::modelvault::testing::RunModelvault;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::ServerProcess;
 using ::modelvault::testing::UsageRecordOf;
 
@@ -151,10 +150,7 @@ class StreamAuthTest : public EngineTest {
   void SetUp() override {
     EngineTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    const CommandResult migrated = RunModelvault({"migrate", "up", "--database", url()});
-    ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
-    const CommandResult seeded = RunModelvault({"seed", "--database", url()});
-    ASSERT_EQ(seeded.exit_code, 0) << seeded.output;
+    ASSERT_EQ(PrepareDatabase(url()), absl::OkStatus());
     absl::StatusOr<std::unique_ptr<ServerProcess>> server =
         ServerProcess::Start(url(), {"--feed-poll-ms", "100", "--shutdown-timeout", "5"});
     ASSERT_TRUE(server.ok()) << server.status();

@@ -59,7 +59,6 @@ namespace {
 using ::google::protobuf::util::MessageDifferencer;
 using ::modelvault::conformance::EngineParam;
 using ::modelvault::conformance::EngineTest;
-using ::modelvault::testing::CommandResult;
 using ::modelvault::testing::Describe;
 using ::modelvault::testing::ErrorMetadata;
 using ::modelvault::testing::IngestOptions;
@@ -67,7 +66,7 @@ using ::modelvault::testing::IngestResult;
 using ::modelvault::testing::IngestUntilAcknowledged;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::IsError;
-using ::modelvault::testing::RunModelvault;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::ServerProcess;
 using ::modelvault::testing::UsageRecordOf;
 using ::testing::ElementsAreArray;
@@ -259,10 +258,7 @@ class UsageApiTest : public EngineTest {
   void SetUp() override {
     EngineTest::SetUp();
     if (IsSkipped() || HasFatalFailure()) return;
-    const CommandResult migrated = RunModelvault({"migrate", "up", "--database", url()});
-    ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
-    const CommandResult seeded = RunModelvault({"seed", "--database", url()});
-    ASSERT_EQ(seeded.exit_code, 0) << seeded.output;
+    ASSERT_EQ(PrepareDatabase(url()), absl::OkStatus());
   }
 
   void TearDown() override {

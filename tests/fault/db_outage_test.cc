@@ -43,7 +43,7 @@ namespace {
 using ::modelvault::testing::CommandResult;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::MakeTempDir;
-using ::modelvault::testing::RunModelvault;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::RunShell;
 using ::modelvault::testing::ServerProcess;
 using ::modelvault::testing::SourceDir;
@@ -261,10 +261,7 @@ class DbOutageTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<PgCluster>> cluster = PgCluster::Start();
     ASSERT_TRUE(cluster.ok()) << cluster.status();
     cluster_ = *std::move(cluster);
-    const CommandResult migrated = RunModelvault({"migrate", "up", "--database", cluster_->url()});
-    ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
-    const CommandResult seeded = RunModelvault({"seed", "--database", cluster_->url()});
-    ASSERT_EQ(seeded.exit_code, 0) << seeded.output;
+    ASSERT_EQ(PrepareDatabase(cluster_->url()), absl::OkStatus());
   }
 
   void StartServer(const std::vector<std::string>& extra_args) {

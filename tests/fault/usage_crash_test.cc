@@ -63,7 +63,7 @@ using ::modelvault::testing::IngestResult;
 using ::modelvault::testing::IngestUntilAcknowledged;
 using ::modelvault::testing::Invoke;
 using ::modelvault::testing::MakeTempDir;
-using ::modelvault::testing::RunModelvault;
+using ::modelvault::testing::PrepareDatabase;
 using ::modelvault::testing::RunShell;
 using ::modelvault::testing::ServerProcess;
 using ::modelvault::testing::SourceDir;
@@ -424,10 +424,7 @@ class ServerCrashTest : public ::testing::TestWithParam<EngineParam> {
     absl::StatusOr<std::unique_ptr<TestDatabase>> database = CreateTestDatabase(GetParam().name);
     ASSERT_TRUE(database.ok()) << database.status();
     database_ = *std::move(database);
-    const CommandResult migrated = RunModelvault({"migrate", "up", "--database", url()});
-    ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
-    const CommandResult seeded = RunModelvault({"seed", "--database", url()});
-    ASSERT_EQ(seeded.exit_code, 0) << seeded.output;
+    ASSERT_EQ(PrepareDatabase(url()), absl::OkStatus());
   }
 
   void TearDown() override {
@@ -500,10 +497,7 @@ class DatabaseCrashTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<DurableCluster>> cluster = DurableCluster::Start();
     ASSERT_TRUE(cluster.ok()) << cluster.status();
     cluster_ = *std::move(cluster);
-    const CommandResult migrated = RunModelvault({"migrate", "up", "--database", cluster_->url()});
-    ASSERT_EQ(migrated.exit_code, 0) << migrated.output;
-    const CommandResult seeded = RunModelvault({"seed", "--database", cluster_->url()});
-    ASSERT_EQ(seeded.exit_code, 0) << seeded.output;
+    ASSERT_EQ(PrepareDatabase(cluster_->url()), absl::OkStatus());
   }
 
   void TearDown() override {
