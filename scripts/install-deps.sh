@@ -9,7 +9,7 @@ packages=(
   build-essential cmake ninja-build pkg-config git unzip ca-certificates
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev libabsl-dev
   libsoci-dev libboost-dev libgtest-dev libgmock-dev libbenchmark-dev
-  libpq-dev libsqlite3-dev libsodium-dev libssl-dev postgresql
+  libpq-dev libsqlite3-dev libsodium-dev libssl-dev libjemalloc-dev postgresql
   grpc-proto libgoogle-common-protos-java nodejs npm openssl
 )
 
