@@ -11,8 +11,8 @@
 namespace modelvault::server {
 
 // Background upkeep of the ledger on every replica: partitions ahead and
-// retention (every `retention_interval`), expired budget reservations
-// (every `expiry_interval`). Every step is idempotent, so replicas doing it
+// retention (every `retention_interval`), expired budget reservations and
+// rollup compaction (every `expiry_interval`). Every step is idempotent, so replicas doing it
 // at once is harmless.
 class Maintenance final {
  public:

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <limits>
 #include <map>
 #include <tuple>
@@ -32,8 +33,11 @@ constexpr std::int64_t kMaxTokens = 1'000'000'000'000;  // per class and call
 constexpr absl::Duration kMaxLatency = absl::Hours(24);
 constexpr absl::Duration kMaxFuture = absl::Hours(1);
 constexpr double kSlotRatio = 1.1;
-// Advisory lock of a usage writer lane (plus the lane): arbitrary, "mv" 0x10.
-constexpr std::int64_t kUsageLaneLock = 0x6d76'1000;
+// Advisory lock of rollup compaction: arbitrary, "mv" 0x11.
+constexpr std::int64_t kCompactionLock = 0x6d76'1100;
+// usage_rollups.part: a batch's totals, or a key's folded row.
+constexpr std::int64_t kPartRow = 1;
+constexpr std::int64_t kFoldedRow = 0;
 // GCC's 128-bit integer; __extension__ keeps -Wpedantic quiet about it.
 __extension__ using Int128 = __int128;
 
@@ -172,6 +176,44 @@ struct Totals {
 // batch's records (no copies per record).
 using RollupKey = std::tuple<std::int64_t, absl::string_view, absl::string_view, absl::string_view,
                              absl::string_view, absl::string_view>;
+
+// Types of a usage_rollups row as CompactRollups reads it.
+const std::vector<storage::SqlType>& RollupRowTypes() {
+  static const auto* types = [] {
+    auto* t = new std::vector<storage::SqlType>{storage::SqlType::kInt64};
+    t->insert(t->end(), 5, storage::SqlType::kText);
+    t->insert(t->end(), 13, storage::SqlType::kInt64);
+    t->push_back(storage::SqlType::kText);
+    t->push_back(storage::SqlType::kInt64);
+    return t;
+  }();
+  return *types;
+}
+
+// Appends one usage_rollups row per key (`part` kPartRow or kFoldedRow).
+absl::Status WriteRollups(storage::ReadWriteTx& tx, const std::map<RollupKey, Totals>& rollups,
+                          std::int64_t lane, std::int64_t part) {
+  std::vector<std::map<RollupKey, Totals>::const_iterator> rows;
+  rows.reserve(rollups.size());
+  for (auto it = rollups.begin(); it != rollups.end(); ++it) rows.push_back(it);
+  return tx.CopyRows(
+      "usage_rollups", kRollupColumns, rows.size(), [&](size_t i, storage::RowSink& sink) {
+        const auto& [k, t] = *rows[i];
+        sink.Int(std::get<0>(k));
+        sink.Text(std::get<1>(k));
+        sink.Text(std::get<2>(k));
+        sink.Text(std::get<3>(k));
+        sink.Text(std::get<4>(k));
+        sink.Text(std::get<5>(k));
+        for (const std::int64_t v :
+             {t.requests, t.errors, t.cancelled, t.input, t.output, t.cache_read, t.cache_write,
+              t.reasoning, t.cost, t.unpriced, t.latency_sum, t.ttft_sum, t.ttft_count, lane}) {
+          sink.Int(v);
+        }
+        sink.Text(EncodeHistogram(t.slots));
+        sink.Int(part);
+      });
+}
 
 }  // namespace
 
@@ -453,79 +495,9 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
       charges.push_back(Charge{FromProto(r.time()), r.user(), r.access_key(), r.provider(),
                                r.model(), r.reservation(), r.cost_nanos()});
     }
-    // The stored histograms of these rollup rows, merged into the batch's.
-    // Every writer of a lane's rows holds the lane's lock (PostgreSQL; SQLite
-    // has one writer), so nothing changes them between this read and the upsert.
-    if (postgres_) {
-      absl::StatusOr<std::vector<SqlRow>> locked =
-          tx.Query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(:p0)) AS l",
-                   {SqlCell(kUsageLaneLock + lane64)}, {storage::SqlType::kInt64});
-      if (!locked.ok()) return locked.status();
-    }
-    {
-      std::vector<SqlRow> keys;
-      keys.reserve(rollups.size());
-      for (const auto& [k, t] : rollups) {
-        keys.push_back({SqlCell(std::get<0>(k)), SqlCell(std::string(std::get<1>(k))),
-                        SqlCell(std::string(std::get<2>(k))), SqlCell(std::string(std::get<3>(k))),
-                        SqlCell(std::string(std::get<4>(k))),
-                        SqlCell(std::string(std::get<5>(k)))});
-      }
-      const std::string sql = absl::StrCat(
-          "SELECT bucket, provider, model, provider_key, access_key, user_id, latency_histogram "
-          "FROM usage_rollups WHERE lane = :p1 AND (bucket, provider, model, provider_key, "
-          "access_key, user_id) IN (",
-          SelectJsonRows(postgres_, "ittttt"), ")");
-      absl::StatusOr<std::vector<SqlRow>> stored =
-          tx.Query(sql, {SqlCell(RowsJson(keys, 0, keys.size())), SqlCell(lane64)},
-                   {storage::SqlType::kInt64, storage::SqlType::kText, storage::SqlType::kText,
-                    storage::SqlType::kText, storage::SqlType::kText, storage::SqlType::kText,
-                    storage::SqlType::kText});
-      if (!stored.ok()) return stored.status();
-      for (const SqlRow& row : *stored) {
-        const std::string provider = storage::CellText(row[1]);
-        const std::string model = storage::CellText(row[2]);
-        const std::string provider_key = storage::CellText(row[3]);
-        const std::string access_key = storage::CellText(row[4]);
-        const std::string user = storage::CellText(row[5]);
-        auto it = rollups.find(
-            RollupKey{storage::CellInt(row[0]), provider, model, provider_key, access_key, user});
-        if (it == rollups.end()) continue;
-        if (!AddHistogram(storage::CellText(row[6]), it->second.slots)) {
-          return absl::DataLossError("a stored latency histogram is malformed");
-        }
-      }
-    }
-    std::vector<SqlRow> rollup_rows;
-    rollup_rows.reserve(rollups.size());
-    for (const auto& [k, t] : rollups) {
-      rollup_rows.push_back({SqlCell(std::get<0>(k)),
-                             SqlCell(std::string(std::get<1>(k))),
-                             SqlCell(std::string(std::get<2>(k))),
-                             SqlCell(std::string(std::get<3>(k))),
-                             SqlCell(std::string(std::get<4>(k))),
-                             SqlCell(std::string(std::get<5>(k))),
-                             SqlCell(t.requests),
-                             SqlCell(t.errors),
-                             SqlCell(t.cancelled),
-                             SqlCell(t.input),
-                             SqlCell(t.output),
-                             SqlCell(t.cache_read),
-                             SqlCell(t.cache_write),
-                             SqlCell(t.reasoning),
-                             SqlCell(t.cost),
-                             SqlCell(t.unpriced),
-                             SqlCell(t.latency_sum),
-                             SqlCell(t.ttft_sum),
-                             SqlCell(t.ttft_count),
-                             SqlCell(lane64),
-                             SqlCell(EncodeHistogram(t.slots))});
-    }
-    if (absl::Status s = InsertRows(tx, postgres_, kInsertRollups, "itttttiiiiiiiiiiiiiit",
-                                    rollup_rows, kRollupConflict);
-        !s.ok()) {
-      return s;
-    }
+    // The batch's totals per rollup key, appended as parts (no row of an
+    // earlier batch is read or updated); CompactRollups folds them later.
+    if (absl::Status s = WriteRollups(tx, rollups, lane64, kPartRow); !s.ok()) return s;
     std::vector<SqlRow> key_rows;
     key_rows.reserve(key_days.size());
     for (const auto& [k, t] : key_days) {
@@ -653,6 +625,52 @@ absl::Status UsageLedger::EnsurePartitions(absl::Time from, absl::Time to) {
     partitions_.insert(day);
   }
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::int64_t> UsageLedger::CompactRollups() {
+  std::int64_t folded = 0;
+  absl::Status status = datastore_.ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
+    folded = 0;
+    if (postgres_) {
+      // One compaction at a time across replicas; the others skip this round.
+      absl::StatusOr<std::vector<SqlRow>> locked =
+          tx.Query("SELECT CASE WHEN pg_try_advisory_xact_lock(:p0) THEN 1 ELSE 0 END",
+                   {SqlCell(kCompactionLock)}, {storage::SqlType::kInt64});
+      if (!locked.ok()) return locked.status();
+      if (locked->empty() || storage::CellInt(locked->front()[0]) != 1) return absl::OkStatus();
+    }
+    // Every row of each key that has parts (its folded row too), taken out
+    // at once: parts committed meanwhile stay for the next round.
+    absl::StatusOr<std::vector<SqlRow>> taken = tx.Query(
+        absl::StrCat("DELETE FROM usage_rollups WHERE (", kRollupDimensions, ") IN (SELECT ",
+                     kRollupDimensions, " FROM usage_rollups WHERE part <> 0) RETURNING ",
+                     kRollupDimensions,
+                     ", requests, errors, cancelled, input_tokens, output_tokens, "
+                     "cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_nanos, "
+                     "unpriced, latency_sum_us, ttft_sum_us, ttft_count, latency_histogram, part"),
+        {}, RollupRowTypes());
+    if (!taken.ok()) return taken.status();
+    std::deque<std::string> names;  // the keys' text, owned (the map holds views)
+    auto own = [&](const SqlCell& cell) -> absl::string_view {
+      return names.emplace_back(storage::CellText(cell));
+    };
+    std::map<RollupKey, Totals> keys;
+    for (const SqlRow& row : *taken) {
+      Totals& t = keys[RollupKey{storage::CellInt(row[0]), own(row[1]), own(row[2]), own(row[3]),
+                                 own(row[4]), own(row[5])}];
+      std::int64_t* sums[] = {&t.requests,    &t.errors,      &t.cancelled, &t.input, &t.output,
+                              &t.cache_read,  &t.cache_write, &t.reasoning, &t.cost,  &t.unpriced,
+                              &t.latency_sum, &t.ttft_sum,    &t.ttft_count};
+      for (size_t i = 0; i < std::size(sums); ++i) *sums[i] += storage::CellInt(row[6 + i]);
+      if (!AddHistogram(storage::CellText(row[19]), t.slots)) {
+        return absl::DataLossError("a stored latency histogram is malformed");
+      }
+      if (storage::CellInt(row[20]) != kFoldedRow) ++folded;
+    }
+    return WriteRollups(tx, keys, 0, kFoldedRow);
+  });
+  if (!status.ok()) return status;
+  return folded;
 }
 
 absl::StatusOr<std::int64_t> UsageLedger::Maintain() {

@@ -98,6 +98,12 @@ class UsageLedger final {
   // deleted rows on SQLite. Returns the number of records removed.
   absl::StatusOr<std::int64_t> Maintain();
 
+  // Folds the rollup parts that usage writes append (one row per key and
+  // batch) into one row per key, histograms merged. Returns the parts folded
+  // (0 when another replica holds the compaction). Rollups are correct
+  // before and after: reads sum every row of a key.
+  absl::StatusOr<std::int64_t> CompactRollups();
+
  private:
   absl::Status EnsurePartitions(absl::Time from, absl::Time to);
   // One attempt of Write. Without `probe`, request_ids are not looked up

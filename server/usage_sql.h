@@ -27,29 +27,10 @@ inline constexpr char kSelectRecords[] =
 inline constexpr char kRollupDimensions[] =
     "bucket, provider, model, provider_key, access_key, user_id";
 
-inline constexpr char kInsertRollups[] =
-    "INSERT INTO usage_rollups (bucket, provider, model, provider_key, access_key, user_id, "
-    "requests, errors, cancelled, input_tokens, output_tokens, cache_read_tokens, "
-    "cache_write_tokens, reasoning_tokens, cost_nanos, unpriced, latency_sum_us, ttft_sum_us, "
-    "ttft_count, lane, latency_histogram)";
-// Rollups add up: every column is a sum, but the histogram (merged by the writer).
-inline constexpr char kRollupConflict[] =
-    " ON CONFLICT (bucket, provider, model, provider_key, access_key, user_id, lane) DO UPDATE SET "
-    "requests = usage_rollups.requests + excluded.requests, "
-    "errors = usage_rollups.errors + excluded.errors, "
-    "cancelled = usage_rollups.cancelled + excluded.cancelled, "
-    "input_tokens = usage_rollups.input_tokens + excluded.input_tokens, "
-    "output_tokens = usage_rollups.output_tokens + excluded.output_tokens, "
-    "cache_read_tokens = usage_rollups.cache_read_tokens + excluded.cache_read_tokens, "
-    "cache_write_tokens = usage_rollups.cache_write_tokens + excluded.cache_write_tokens, "
-    "reasoning_tokens = usage_rollups.reasoning_tokens + excluded.reasoning_tokens, "
-    "cost_nanos = usage_rollups.cost_nanos + excluded.cost_nanos, "
-    "unpriced = usage_rollups.unpriced + excluded.unpriced, "
-    "latency_sum_us = usage_rollups.latency_sum_us + excluded.latency_sum_us, "
-    "ttft_sum_us = usage_rollups.ttft_sum_us + excluded.ttft_sum_us, "
-    "ttft_count = usage_rollups.ttft_count + excluded.ttft_count, "
-    // The writer read and merged the histogram under its lane's lock.
-    "latency_histogram = excluded.latency_histogram";
+inline constexpr char kRollupColumns[] =
+    "bucket, provider, model, provider_key, access_key, user_id, requests, errors, cancelled, "
+    "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
+    "cost_nanos, unpriced, latency_sum_us, ttft_sum_us, ttft_count, lane, latency_histogram, part";
 
 inline constexpr char kInsertKeyRecorded[] =
     "INSERT INTO provider_key_recorded (key_name, day, requests, tokens, cost_nanos, lane)";

@@ -5,6 +5,7 @@
 // PostgreSQL) with expired cursors, and the aggregates answered from the rollups.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <limits>
 #include <map>
@@ -460,9 +461,10 @@ TEST_P(UsageTest, WriterLanesCompleteInOrderAndKeepEachKeysCommitOrder) {
   ExpectRollupsEqualRecords();
 }
 
-// Migration 0004 (lanes, histograms in the rollup rows) carries stored aggregates both
-// ways: down folds the lanes and explodes the histograms into rows per slot, up rebuilds
-// them; totals and percentiles are unchanged throughout.
+// Migrations 0004 (lanes, histograms in the rollup rows) and 0005 (rollup parts) carry
+// stored aggregates both ways: 0005's down folds every key's parts and lanes into one
+// row, 0004's down explodes the histograms into rows per slot, up rebuilds them; totals
+// and percentiles are unchanged throughout.
 TEST_P(UsageTest, LaneAndHistogramMigrationsKeepTheAggregates) {
   std::vector<UsageRecord> batch;
   for (int i = 0; i < 60; ++i) {
@@ -488,6 +490,10 @@ TEST_P(UsageTest, LaneAndHistogramMigrationsKeepTheAggregates) {
 
   absl::StatusOr<storage::Migrator> migrator = storage::Migrator::ForUrl(url());
   ASSERT_TRUE(migrator.ok()) << migrator.status();
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 6);  // 2 batches x 3
+  ASSERT_TRUE(migrator->Down(1).ok());
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 3);  // parts and lanes folded
+  EXPECT_EQ(Scalar(HistogramCountSql()), 60);
   ASSERT_TRUE(migrator->Down(1).ok());
   EXPECT_EQ(Scalar("SELECT COALESCE(SUM(count), 0) FROM usage_latency"), 60);
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 3);  // lanes folded
@@ -500,6 +506,96 @@ TEST_P(UsageTest, LaneAndHistogramMigrationsKeepTheAggregates) {
   for (int g = 0; g < before.groups_size(); ++g) {
     EXPECT_EQ(after.groups(g).ShortDebugString(), before.groups(g).ShortDebugString());
   }
+}
+
+// A usage write appends one rollup part per key; compaction folds a key's rows into
+// one, and no total, count or percentile moves.
+TEST_P(UsageTest, CompactionFoldsRollupPartsWithoutChangingAnyAggregate) {
+  auto write_batch = [&](int b) {
+    std::vector<UsageRecord> batch;
+    for (int i = 0; i < 40; ++i) {
+      // Four keys: user i % 4, the first two users in one hour, the others in the next.
+      UsageRecord r = Record(absl::StrCat("c", b, "-", i),
+                             kNoon + absl::Minutes(i % 4 < 2 ? 10 : 70), 100 + i, 1);
+      r.set_user(absl::StrCat("user-", i % 4));
+      *r.mutable_latency() = ToProto(absl::Milliseconds(5 * (1 + (i + b) % 9)));
+      batch.push_back(r);
+    }
+    Write(batch);
+  };
+  for (int b = 0; b < 3; ++b) write_batch(b);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 12);
+  v1::QueryUsageRequest query;
+  *query.mutable_start_time() = ToProto(kNoon - absl::Hours(1));
+  *query.mutable_end_time() = ToProto(kNoon + absl::Hours(3));
+  query.add_group_by(v1::USAGE_DIMENSION_USER);
+  v1::QueryUsageResponse before;
+  ASSERT_TRUE(ledger_->Query(query, &before).ok());
+  ASSERT_EQ(before.groups_size(), 4);
+
+  absl::StatusOr<std::int64_t> folded = ledger_->CompactRollups();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(*folded, 12);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 4);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 0);
+  ExpectRollupsEqualRecords();
+  v1::QueryUsageResponse after;
+  ASSERT_TRUE(ledger_->Query(query, &after).ok());
+  ASSERT_EQ(after.groups_size(), before.groups_size());
+  for (int g = 0; g < before.groups_size(); ++g) {
+    EXPECT_EQ(after.groups(g).ShortDebugString(), before.groups(g).ShortDebugString());
+  }
+
+  // New parts fold into the folded rows; nothing left to fold is a no-op.
+  write_batch(3);
+  folded = ledger_->CompactRollups();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(*folded, 4);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 4);
+  folded = ledger_->CompactRollups();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(*folded, 0);
+  ExpectRollupsEqualRecords();
+}
+
+// Compaction running while two writers (lanes) commit batches: every part is folded
+// once or left for the next round, never lost or counted twice.
+TEST_P(UsageTest, CompactionAlongsideWritersKeepsRollupsEqualToRecords) {
+  std::atomic<bool> done{false};
+  std::atomic<std::int64_t> folded{0};
+  std::thread compactor([&] {
+    while (!done.load()) {
+      absl::StatusOr<std::int64_t> n = ledger_->CompactRollups();
+      EXPECT_TRUE(n.ok()) << n.status();
+      if (n.ok()) folded += *n;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  std::vector<std::thread> writers;
+  for (int lane = 0; lane < 2; ++lane) {
+    writers.emplace_back([&, lane] {
+      for (int b = 0; b < 20; ++b) {
+        std::vector<PreparedRecord> prepared;
+        for (int i = 0; i < 25; ++i) {
+          UsageRecord r = Record(absl::StrCat("w", lane, "-", b, "-", i),
+                                 kNoon + absl::Minutes(i % 3 * 40), 10 + i, 2);
+          r.set_user(absl::StrCat("user-", i % 5));
+          prepared.push_back(Prepare(r));
+        }
+        absl::StatusOr<std::vector<RecordOutcome>> out = ledger_->Write(prepared, nullptr, lane);
+        EXPECT_TRUE(out.ok()) << out.status();
+      }
+    });
+  }
+  for (std::thread& w : writers) w.join();
+  done.store(true);
+  compactor.join();
+  absl::StatusOr<std::int64_t> last = ledger_->CompactRollups();
+  ASSERT_TRUE(last.ok()) << last.status();
+  EXPECT_GT(folded.load(), 0);  // compaction did run alongside the writes
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 0);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_records"), 2 * 20 * 25);
+  ExpectRollupsEqualRecords();
 }
 
 TEST_P(UsageTest, RetentionRemovesOldRecordsAndExpiresTheirCursors) {

@@ -554,8 +554,13 @@ TEST_F(PostgresLifecycleTest, MigrateStatusAndDown) {
   EXPECT_EQ(MigrationState(applied, "0002_credentials"), "applied") << applied.output;
   EXPECT_EQ(MigrationState(applied, "0003_usage"), "applied") << applied.output;
   EXPECT_EQ(MigrationState(applied, "0004_usage_lanes"), "applied") << applied.output;
+  EXPECT_EQ(MigrationState(applied, "0005_usage_rollup_parts"), "applied") << applied.output;
 
   // Down reverts the newest migration only.
+  const CommandResult parts_reverted = migrate("down");
+  EXPECT_EQ(MigrationState(parts_reverted, "0005_usage_rollup_parts"), "pending")
+      << parts_reverted.output;
+  EXPECT_EQ(MigrationState(parts_reverted, "0004_usage_lanes"), "applied") << parts_reverted.output;
   const CommandResult lanes_reverted = migrate("down");
   EXPECT_EQ(MigrationState(lanes_reverted, "0004_usage_lanes"), "pending") << lanes_reverted.output;
   EXPECT_EQ(MigrationState(lanes_reverted, "0003_usage"), "applied") << lanes_reverted.output;

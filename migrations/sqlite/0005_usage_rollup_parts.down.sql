@@ -1,0 +1,40 @@
+-- Every key's rows (parts, and the rows of all lanes) folded into one row on
+-- lane 0, its histograms merged; the key is the primary key again.
+
+CREATE TABLE usage_rollups_folded (
+  bucket INTEGER NOT NULL,
+  provider TEXT NOT NULL,
+  model TEXT NOT NULL,
+  provider_key TEXT NOT NULL,
+  access_key TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  requests INTEGER NOT NULL,
+  errors INTEGER NOT NULL,
+  cancelled INTEGER NOT NULL,
+  input_tokens INTEGER NOT NULL,
+  output_tokens INTEGER NOT NULL,
+  cache_read_tokens INTEGER NOT NULL,
+  cache_write_tokens INTEGER NOT NULL,
+  reasoning_tokens INTEGER NOT NULL,
+  cost_nanos INTEGER NOT NULL,
+  unpriced INTEGER NOT NULL,
+  latency_sum_us INTEGER NOT NULL,
+  ttft_sum_us INTEGER NOT NULL,
+  ttft_count INTEGER NOT NULL,
+  lane INTEGER NOT NULL,
+  latency_histogram TEXT NOT NULL,
+  PRIMARY KEY (bucket, provider, model, provider_key, access_key, user_id, lane)
+);
+INSERT INTO usage_rollups_folded (bucket, provider, model, provider_key, access_key, user_id, requests, errors, cancelled, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_nanos, unpriced, latency_sum_us, ttft_sum_us, ttft_count, lane, latency_histogram)
+  SELECT r.bucket, r.provider, r.model, r.provider_key, r.access_key, r.user_id, CAST(SUM(r.requests) AS INTEGER), CAST(SUM(r.errors) AS INTEGER), CAST(SUM(r.cancelled) AS INTEGER), CAST(SUM(r.input_tokens) AS INTEGER), CAST(SUM(r.output_tokens) AS INTEGER), CAST(SUM(r.cache_read_tokens) AS INTEGER), CAST(SUM(r.cache_write_tokens) AS INTEGER), CAST(SUM(r.reasoning_tokens) AS INTEGER), CAST(SUM(r.cost_nanos) AS INTEGER), CAST(SUM(r.unpriced) AS INTEGER), CAST(SUM(r.latency_sum_us) AS INTEGER), CAST(SUM(r.ttft_sum_us) AS INTEGER), CAST(SUM(r.ttft_count) AS INTEGER), 0,
+         COALESCE((SELECT '{' || group_concat('"' || h.slot || '":' || h.count, ',') || '}'
+                   FROM (SELECT CAST(e.key AS INTEGER) AS slot, SUM(CAST(e.value AS INTEGER)) AS count
+                         FROM usage_rollups AS o, json_each(o.latency_histogram) AS e
+                         WHERE o.bucket = r.bucket AND o.provider = r.provider AND o.model = r.model
+                           AND o.provider_key = r.provider_key AND o.access_key = r.access_key
+                           AND o.user_id = r.user_id
+                         GROUP BY e.key) AS h), '{}')
+  FROM usage_rollups AS r
+  GROUP BY r.bucket, r.provider, r.model, r.provider_key, r.access_key, r.user_id;
+DROP TABLE usage_rollups;
+ALTER TABLE usage_rollups_folded RENAME TO usage_rollups;
