@@ -62,7 +62,9 @@ void CheckDuration(const google::protobuf::Duration& d, const std::string& field
 }
 
 std::string ContentHash(const v1::UsageRecord& record) {
-  std::string bytes;
+  // One serialization buffer per thread, reused: no allocation per record.
+  thread_local std::string bytes;
+  bytes.clear();
   google::protobuf::io::StringOutputStream stream(&bytes);
   {
     google::protobuf::io::CodedOutputStream coded(&stream);
@@ -176,6 +178,9 @@ struct Totals {
 // batch's records (no copies per record).
 using RollupKey = std::tuple<std::int64_t, absl::string_view, absl::string_view, absl::string_view,
                              absl::string_view, absl::string_view>;
+// Hashed, not ordered: parts are appended, so no row order is needed to
+// lock rows in one order, and a tree's string compares cost more per record.
+using Rollups = absl::flat_hash_map<RollupKey, Totals>;
 
 // Types of a usage_rollups row as CompactRollups reads it.
 const std::vector<storage::SqlType>& RollupRowTypes() {
@@ -191,9 +196,9 @@ const std::vector<storage::SqlType>& RollupRowTypes() {
 }
 
 // Appends one usage_rollups row per key (`part` kPartRow or kFoldedRow).
-absl::Status WriteRollups(storage::ReadWriteTx& tx, const std::map<RollupKey, Totals>& rollups,
-                          std::int64_t lane, std::int64_t part) {
-  std::vector<std::map<RollupKey, Totals>::const_iterator> rows;
+absl::Status WriteRollups(storage::ReadWriteTx& tx, const Rollups& rollups, std::int64_t lane,
+                          std::int64_t part) {
+  std::vector<Rollups::const_iterator> rows;
   rows.reserve(rollups.size());
   for (auto it = rollups.begin(); it != rollups.end(); ++it) rows.push_back(it);
   return tx.CopyRows(
@@ -448,11 +453,12 @@ absl::StatusOr<std::vector<RecordOutcome>> UsageLedger::WriteOnce(
     if (fresh.empty()) return absl::OkStatus();
 
     // 2. Rollups, latency histograms, provider-key counters, access keys'
-    // last use and budgets, gathered in memory first. Each table's rows are
-    // written in sorted key order, so concurrent writers lock them in one order.
+    // last use and budgets, gathered in memory first. The rows that are
+    // updated (all but the rollup parts, which are appended) are written in
+    // sorted key order, so concurrent writers lock them in one order.
     const std::int64_t record_micros = absl::ToUnixMicros(now);
     const std::int64_t lane64 = lane;
-    std::map<RollupKey, Totals> rollups;
+    Rollups rollups;
     std::map<std::pair<absl::string_view, absl::CivilDay>, Totals> key_days;
     std::vector<Charge> charges;
     for (size_t i : fresh) {
@@ -654,7 +660,7 @@ absl::StatusOr<std::int64_t> UsageLedger::CompactRollups() {
     auto own = [&](const SqlCell& cell) -> absl::string_view {
       return names.emplace_back(storage::CellText(cell));
     };
-    std::map<RollupKey, Totals> keys;
+    Rollups keys;
     for (const SqlRow& row : *taken) {
       Totals& t = keys[RollupKey{storage::CellInt(row[0]), own(row[1]), own(row[2]), own(row[3]),
                                  own(row[4]), own(row[5])}];

@@ -1,7 +1,10 @@
 #include "server/validation.h"
 
 #include <algorithm>
+#include <mutex>
+#include <vector>
 
+#include "absl/container/node_hash_map.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -15,6 +18,7 @@
 namespace modelvault::server {
 namespace {
 
+using google::protobuf::Descriptor;
 using google::protobuf::FieldDescriptor;
 using google::protobuf::Message;
 using google::protobuf::Reflection;
@@ -226,12 +230,26 @@ absl::Status ToStatus(std::vector<FieldViolation> violations) {
 }
 
 void ClearOutputOnly(Message& message) {
-  const auto* descriptor = message.GetDescriptor();
-  for (int i = 0; i < descriptor->field_count(); ++i) {
-    if (HasBehavior(descriptor->field(i), google::api::OUTPUT_ONLY)) {
-      message.GetReflection()->ClearField(&message, descriptor->field(i));
+  // The fields of each type are found once: reading every field's options
+  // on each call was a visible share of preparing a usage record.
+  static std::mutex mu;
+  static auto* output_only =
+      new absl::node_hash_map<const Descriptor*, std::vector<const FieldDescriptor*>>();
+  const Descriptor* descriptor = message.GetDescriptor();
+  const std::vector<const FieldDescriptor*>* fields = nullptr;
+  {
+    std::lock_guard lock(mu);
+    auto [it, inserted] = output_only->try_emplace(descriptor);
+    if (inserted) {
+      for (int i = 0; i < descriptor->field_count(); ++i) {
+        if (HasBehavior(descriptor->field(i), google::api::OUTPUT_ONLY)) {
+          it->second.push_back(descriptor->field(i));
+        }
+      }
     }
+    fields = &it->second;  // node_hash_map: stable, and never changed once filled
   }
+  for (const FieldDescriptor* field : *fields) message.GetReflection()->ClearField(&message, field);
 }
 
 }  // namespace modelvault::server
