@@ -634,6 +634,21 @@ absl::Status UsageLedger::EnsurePartitions(absl::Time from, absl::Time to) {
 }
 
 absl::StatusOr<std::int64_t> UsageLedger::CompactRollups() {
+  // A round takes the keys of a bounded number of parts, so that a backlog
+  // (compaction failing for a while) is folded in bounded transactions.
+  const std::int64_t round_parts = std::max<std::int64_t>(options_.compaction_round_parts, 1);
+  constexpr int kMaxRounds = 20;
+  std::int64_t total = 0;
+  for (int round = 0; round < kMaxRounds; ++round) {
+    absl::StatusOr<std::int64_t> folded = CompactRound(round_parts);
+    if (!folded.ok()) return folded.status();
+    total += *folded;
+    if (*folded < round_parts) break;  // the backlog is gone (or another replica has it)
+  }
+  return total;
+}
+
+absl::StatusOr<std::int64_t> UsageLedger::CompactRound(std::int64_t limit) {
   std::int64_t folded = 0;
   absl::Status status = datastore_.ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
     folded = 0;
@@ -649,8 +664,8 @@ absl::StatusOr<std::int64_t> UsageLedger::CompactRollups() {
     // at once: parts committed meanwhile stay for the next round.
     absl::StatusOr<std::vector<SqlRow>> taken = tx.Query(
         absl::StrCat("DELETE FROM usage_rollups WHERE (", kRollupDimensions, ") IN (SELECT ",
-                     kRollupDimensions, " FROM usage_rollups WHERE part <> 0) RETURNING ",
-                     kRollupDimensions,
+                     kRollupDimensions, " FROM usage_rollups WHERE part <> 0 LIMIT ", limit,
+                     ") RETURNING ", kRollupDimensions,
                      ", requests, errors, cancelled, input_tokens, output_tokens, "
                      "cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_nanos, "
                      "unpriced, latency_sum_us, ttft_sum_us, ttft_count, latency_histogram, part"),

@@ -30,6 +30,9 @@ struct UsageLedgerOptions {
   // Raw records (and their request_ids) older than this are removed.
   absl::Duration retention = absl::Hours(24 * 90);
   std::function<absl::Time()> clock = [] { return absl::Now(); };
+  // Rollup compaction folds the keys of at most this many parts per
+  // transaction (a backlog takes several), and at most 20 transactions a call.
+  std::int64_t compaction_round_parts = 50'000;
 };
 
 // A validated, costed record ready to store.
@@ -106,6 +109,9 @@ class UsageLedger final {
 
  private:
   absl::Status EnsurePartitions(absl::Time from, absl::Time to);
+  // One transaction of CompactRollups: folds the keys of at most `limit`
+  // parts (all of those keys' parts). Returns the parts folded.
+  absl::StatusOr<std::int64_t> CompactRound(std::int64_t limit);
   // One attempt of Write. Without `probe`, request_ids are not looked up
   // first: their primary key rejects a stored one (ALREADY_EXISTS, nothing
   // written) and Write retries with `probe`. Retries are rare, so the

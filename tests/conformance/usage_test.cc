@@ -113,9 +113,10 @@ class UsageTest : public EngineTest {
     Reopen(absl::Hours(24 * 90));
   }
 
-  void Reopen(absl::Duration retention) {
+  void Reopen(absl::Duration retention, std::int64_t compaction_round_parts = 50'000) {
     UsageLedgerOptions options;
     options.retention = retention;
+    options.compaction_round_parts = compaction_round_parts;
     options.clock = [this] { return clock_.Now(); };
     options.key_time_zone = absl::UTCTimeZone();
     ledger_ =
@@ -546,7 +547,9 @@ TEST_P(UsageTest, CompactionFoldsRollupPartsWithoutChangingAnyAggregate) {
     EXPECT_EQ(after.groups(g).ShortDebugString(), before.groups(g).ShortDebugString());
   }
 
-  // New parts fold into the folded rows; nothing left to fold is a no-op.
+  // New parts fold into the folded rows; nothing left to fold is a no-op. With rounds of
+  // one part (one key's parts per transaction) one call still folds all four keys.
+  Reopen(absl::Hours(24 * 90), 1);
   write_batch(3);
   folded = ledger_->CompactRollups();
   ASSERT_TRUE(folded.ok()) << folded.status();
@@ -572,6 +575,7 @@ TEST_P(UsageTest, CompactionAlongsideWritersKeepsRollupsEqualToRecords) {
     }
   });
   std::vector<std::thread> writers;
+  writers.reserve(2);
   for (int lane = 0; lane < 2; ++lane) {
     writers.emplace_back([&, lane] {
       for (int b = 0; b < 20; ++b) {
