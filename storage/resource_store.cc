@@ -411,7 +411,7 @@ absl::StatusOr<ListPage> ResourceStore::List(const Descriptor* type, const ListR
         if (cached != nullptr && cached->GetDescriptor() == type &&
             EtagField(*cached) == EtagOf(item.revision)) {
           std::unique_ptr<Message> copy(cached->New());
-          copy->CopyFrom(*cached);
+          copy->MergeFrom(*cached);  // into a new message: a copy, without CopyFrom's check
           page.items.push_back(std::move(copy));
           continue;
         }
