@@ -73,8 +73,9 @@ class UsageLedger final {
 
   // Stores a batch in one transaction. Outcomes are parallel to `records`;
   // `alerts` receives budget alerts raised (to publish after commit).
-  // Concurrent writers pass distinct `lane`s: the aggregate rows they add
-  // to are per lane, so they do not wait for each other's commits.
+  // Concurrent writers pass distinct `lane`s: the provider-key counter rows
+  // they add to are per lane, so they do not wait for each other's commits
+  // (rollups are appended as parts, which no other writer touches).
   absl::StatusOr<std::vector<RecordOutcome>> Write(const std::vector<PreparedRecord>& records,
                                                    std::vector<storage::ChangeRecord>* alerts,
                                                    int lane = 0);

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <mutex>
+#include <shared_mutex>
 #include <vector>
 
 #include "absl/container/node_hash_map.h"
@@ -150,7 +151,8 @@ bool IsValidUtf8(absl::string_view text) {
     if (c < 0x80) {
       ++i;
       continue;
-    } else if ((c >> 5) == 0x6) {
+    }
+    if ((c >> 5) == 0x6) {
       len = 2;
       cp = c & 0x1F;
     } else if ((c >> 4) == 0xE) {
@@ -232,13 +234,17 @@ absl::Status ToStatus(std::vector<FieldViolation> violations) {
 void ClearOutputOnly(Message& message) {
   // The fields of each type are found once: reading every field's options
   // on each call was a visible share of preparing a usage record.
-  static std::mutex mu;
+  static std::shared_mutex mu;
   static auto* output_only =
       new absl::node_hash_map<const Descriptor*, std::vector<const FieldDescriptor*>>();
   const Descriptor* descriptor = message.GetDescriptor();
   const std::vector<const FieldDescriptor*>* fields = nullptr;
   {
-    std::lock_guard lock(mu);
+    std::shared_lock lock(mu);
+    if (auto it = output_only->find(descriptor); it != output_only->end()) fields = &it->second;
+  }
+  if (fields == nullptr) {
+    std::unique_lock lock(mu);
     auto [it, inserted] = output_only->try_emplace(descriptor);
     if (inserted) {
       for (int i = 0; i < descriptor->field_count(); ++i) {

@@ -22,7 +22,7 @@ CREATE TABLE usage_rollups_folded (
   ttft_sum_us BIGINT NOT NULL,
   ttft_count BIGINT NOT NULL,
   lane SMALLINT NOT NULL,
-  latency_histogram TEXT NOT NULL,
+  latency_histogram TEXT NOT NULL DEFAULT '{}',
   PRIMARY KEY (bucket, provider, model, provider_key, access_key, user_id, lane)
 );
 INSERT INTO usage_rollups_folded (bucket, provider, model, provider_key, access_key, user_id, requests, errors, cancelled, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, cost_nanos, unpriced, latency_sum_us, ttft_sum_us, ttft_count, lane, latency_histogram)

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <future>
 #include <limits>
 #include <map>
 #include <memory>
@@ -600,6 +601,23 @@ TEST_P(UsageTest, CompactionAlongsideWritersKeepsRollupsEqualToRecords) {
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 0);
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_records"), 2 * 20 * 25);
   ExpectRollupsEqualRecords();
+  // Per key too: one row each, holding exactly its user's records.
+  EXPECT_EQ(
+      Scalar("SELECT COUNT(*) FROM usage_rollups"),
+      Scalar("SELECT COUNT(*) FROM (SELECT DISTINCT bucket, user_id FROM usage_rollups) AS k"));
+  for (int u = 0; u < 5; ++u) {
+    const std::string user = absl::StrCat("'user-", u, "'");
+    EXPECT_EQ(Scalar(absl::StrCat(
+                  "SELECT COALESCE(SUM(requests), 0) FROM usage_rollups WHERE user_id = ", user)),
+              Scalar(absl::StrCat("SELECT COUNT(*) FROM usage_records WHERE user_id = ", user)))
+        << user;
+    EXPECT_EQ(
+        Scalar(absl::StrCat(
+            "SELECT COALESCE(SUM(input_tokens), 0) FROM usage_rollups WHERE user_id = ", user)),
+        Scalar(absl::StrCat(
+            "SELECT COALESCE(SUM(input_tokens), 0) FROM usage_records WHERE user_id = ", user)))
+        << user;
+  }
 }
 
 TEST_P(UsageTest, RetentionRemovesOldRecordsAndExpiresTheirCursors) {
@@ -798,7 +816,118 @@ TEST_P(UsageTest, RecordingUpdatesAccessKeysLastUse) {
             absl::ToUnixMicros(kNoon + absl::Minutes(9)));
 }
 
+// Replicas compacting while others write: PostgreSQL only (SQLite has one writer at a
+// time, so neither race below can happen there).
+class UsagePostgresTest : public UsageTest {
+ protected:
+  // Adds a part of `requests` calls (one latency-slot count each) to user-0's first
+  // folded rollup row's key, in `tx`.
+  static absl::Status InsertPart(storage::ReadWriteTx& tx, int requests) {
+    return tx
+        .Exec(absl::StrCat("INSERT INTO usage_rollups (", kPartColumns,
+                           ") SELECT bucket, provider, model, provider_key, access_key, user_id, ",
+                           requests, ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '{\"10\":", requests,
+                           "}', 1 FROM usage_rollups WHERE user_id = 'user-0' AND part = 0 "
+                           "ORDER BY bucket LIMIT 1"),
+              {})
+        .status();
+  }
+  static constexpr char kPartColumns[] =
+      "bucket, provider, model, provider_key, access_key, user_id, requests, errors, cancelled, "
+      "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
+      "cost_nanos, unpriced, latency_sum_us, ttft_sum_us, ttft_count, lane, latency_histogram, "
+      "part";
+
+  // Writes a batch for users 0-2 and folds it: one folded row per user.
+  void WriteAndFold() {
+    std::vector<UsageRecord> batch;
+    for (int i = 0; i < 30; ++i) {
+      UsageRecord r = Record(absl::StrCat("pg-", i), kNoon, 10, 1);
+      r.set_user(absl::StrCat("user-", i % 3));
+      batch.push_back(r);
+    }
+    Write(batch);
+    absl::StatusOr<std::int64_t> folded = ledger_->CompactRollups();
+    ASSERT_TRUE(folded.ok()) << folded.status();
+    ASSERT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 3);
+  }
+
+  std::int64_t User0Requests() {
+    return Scalar("SELECT COALESCE(SUM(requests), 0) FROM usage_rollups WHERE user_id = 'user-0'");
+  }
+};
+
+// A part committed after a compaction's snapshot is neither taken nor lost, even when that
+// compaction rewrites the folded row of the same key: the next round folds it.
+TEST_P(UsagePostgresTest, APartCommittedDuringACompactionIsFoldedByTheNext) {
+  WriteAndFold();
+  const std::int64_t base = User0Requests();
+  ASSERT_TRUE(
+      datastore_->ReadWriteTx([](storage::ReadWriteTx& tx) { return InsertPart(tx, 3); }).ok());
+  std::promise<void> inserted;
+  std::promise<void> commit;
+  std::shared_future<void> go = commit.get_future().share();
+  std::thread writer([&] {
+    absl::Status s = datastore_->ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
+      if (absl::Status p = InsertPart(tx, 7); !p.ok()) return p;
+      inserted.set_value();
+      go.wait();
+      return absl::OkStatus();
+    });
+    EXPECT_TRUE(s.ok()) << s;
+  });
+  inserted.get_future().wait();
+  absl::StatusOr<std::int64_t> folded = ledger_->CompactRollups();  // the key's row is rewritten
+  commit.set_value();
+  writer.join();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(*folded, 1);  // the committed part only
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 1);
+  EXPECT_EQ(User0Requests(), base + 10);
+  folded = ledger_->CompactRollups();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(*folded, 1);
+  EXPECT_EQ(User0Requests(), base + 10);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 3);
+}
+
+// While another replica holds the compaction lock, a compaction skips its round and
+// touches nothing.
+TEST_P(UsagePostgresTest, CompactionSkipsWhileAnotherReplicaCompacts) {
+  WriteAndFold();
+  ASSERT_TRUE(
+      datastore_->ReadWriteTx([](storage::ReadWriteTx& tx) { return InsertPart(tx, 5); }).ok());
+  std::promise<void> locked;
+  std::promise<void> release;
+  std::shared_future<void> go = release.get_future().share();
+  std::thread other([&] {
+    absl::Status s = datastore_->ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
+      // The ledger's compaction lock (kCompactionLock in usage_ledger.cc).
+      absl::StatusOr<std::vector<storage::SqlRow>> l =
+          tx.Query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(1836454144)) AS l", {},
+                   {storage::SqlType::kInt64});
+      if (!l.ok()) return l.status();
+      locked.set_value();
+      go.wait();
+      return absl::OkStatus();
+    });
+    EXPECT_TRUE(s.ok()) << s;
+  });
+  locked.get_future().wait();
+  absl::StatusOr<std::int64_t> skipped = ledger_->CompactRollups();
+  release.set_value();
+  other.join();
+  ASSERT_TRUE(skipped.ok()) << skipped.status();
+  EXPECT_EQ(*skipped, 0);
+  EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 1);
+  absl::StatusOr<std::int64_t> folded = ledger_->CompactRollups();
+  ASSERT_TRUE(folded.ok()) << folded.status();
+  EXPECT_EQ(*folded, 1);
+}
+
 INSTANTIATE_TEST_SUITE_P(Engines, UsageTest, AllEngines(), NameGen());
+INSTANTIATE_TEST_SUITE_P(Postgres, UsagePostgresTest, ::testing::Values(EngineParam{"postgres"}),
+                         NameGen());
 
 }  // namespace
 }  // namespace modelvault::conformance
