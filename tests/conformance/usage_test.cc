@@ -7,6 +7,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <future>
 #include <limits>
 #include <map>
@@ -30,6 +31,7 @@
 #include "server/cursor.h"
 #include "server/proto_time.h"
 #include "server/usage_ledger.h"
+#include "server/usage_sql.h"
 #include "server/usage_writer.h"
 #include "storage/migrate.h"
 #include "storage/status_details.h"
@@ -824,7 +826,7 @@ class UsagePostgresTest : public UsageTest {
   // folded rollup row's key, in `tx`.
   static absl::Status InsertPart(storage::ReadWriteTx& tx, int requests) {
     return tx
-        .Exec(absl::StrCat("INSERT INTO usage_rollups (", kPartColumns,
+        .Exec(absl::StrCat("INSERT INTO usage_rollups (", server::kRollupColumns,
                            ") SELECT bucket, provider, model, provider_key, access_key, user_id, ",
                            requests, ", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '{\"10\":", requests,
                            "}', 1 FROM usage_rollups WHERE user_id = 'user-0' AND part = 0 "
@@ -832,11 +834,6 @@ class UsagePostgresTest : public UsageTest {
               {})
         .status();
   }
-  static constexpr char kPartColumns[] =
-      "bucket, provider, model, provider_key, access_key, user_id, requests, errors, cancelled, "
-      "input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, reasoning_tokens, "
-      "cost_nanos, unpriced, latency_sum_us, ttft_sum_us, ttft_count, lane, latency_histogram, "
-      "part";
 
   // Writes a batch for users 0-2 and folds it: one folded row per user.
   void WriteAndFold() {
@@ -852,6 +849,43 @@ class UsagePostgresTest : public UsageTest {
     ASSERT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 3);
   }
 
+  // A write transaction that ran `body` on another thread and is held open
+  // (uncommitted, its locks kept) until Commit(): what another replica's
+  // transaction in flight looks like.
+  class HeldTransaction final {
+   public:
+    HeldTransaction(Datastore& datastore, std::function<absl::Status(storage::ReadWriteTx&)> body)
+        : thread_([this, &datastore, body = std::move(body)] {
+            absl::Status s = datastore.ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
+              absl::Status ran = body(tx);
+              started_.set_value(ran);
+              if (ran.ok()) commit_.wait();
+              return ran;
+            });
+            EXPECT_TRUE(s.ok()) << s;
+          }) {
+      ran_ = started_future_.get();
+    }
+    ~HeldTransaction() { Commit(); }
+    HeldTransaction(const HeldTransaction&) = delete;
+    HeldTransaction& operator=(const HeldTransaction&) = delete;
+
+    const absl::Status& ran() const { return ran_; }
+    void Commit() {
+      if (!thread_.joinable()) return;
+      release_.set_value();
+      thread_.join();
+    }
+
+   private:
+    std::promise<absl::Status> started_;
+    std::future<absl::Status> started_future_ = started_.get_future();
+    std::promise<void> release_;
+    std::shared_future<void> commit_ = release_.get_future().share();
+    absl::Status ran_;
+    std::thread thread_;  // last: starts once the members above exist
+  };
+
   std::int64_t User0Requests() {
     return Scalar("SELECT COALESCE(SUM(requests), 0) FROM usage_rollups WHERE user_id = 'user-0'");
   }
@@ -864,22 +898,10 @@ TEST_P(UsagePostgresTest, APartCommittedDuringACompactionIsFoldedByTheNext) {
   const std::int64_t base = User0Requests();
   ASSERT_TRUE(
       datastore_->ReadWriteTx([](storage::ReadWriteTx& tx) { return InsertPart(tx, 3); }).ok());
-  std::promise<void> inserted;
-  std::promise<void> commit;
-  std::shared_future<void> go = commit.get_future().share();
-  std::thread writer([&] {
-    absl::Status s = datastore_->ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
-      if (absl::Status p = InsertPart(tx, 7); !p.ok()) return p;
-      inserted.set_value();
-      go.wait();
-      return absl::OkStatus();
-    });
-    EXPECT_TRUE(s.ok()) << s;
-  });
-  inserted.get_future().wait();
+  HeldTransaction writer(*datastore_, [](storage::ReadWriteTx& tx) { return InsertPart(tx, 7); });
+  ASSERT_TRUE(writer.ran().ok()) << writer.ran();
   absl::StatusOr<std::int64_t> folded = ledger_->CompactRollups();  // the key's row is rewritten
-  commit.set_value();
-  writer.join();
+  writer.Commit();
   ASSERT_TRUE(folded.ok()) << folded.status();
   EXPECT_EQ(*folded, 1);  // the committed part only
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 1);
@@ -897,26 +919,16 @@ TEST_P(UsagePostgresTest, CompactionSkipsWhileAnotherReplicaCompacts) {
   WriteAndFold();
   ASSERT_TRUE(
       datastore_->ReadWriteTx([](storage::ReadWriteTx& tx) { return InsertPart(tx, 5); }).ok());
-  std::promise<void> locked;
-  std::promise<void> release;
-  std::shared_future<void> go = release.get_future().share();
-  std::thread other([&] {
-    absl::Status s = datastore_->ReadWriteTx([&](storage::ReadWriteTx& tx) -> absl::Status {
-      // The ledger's compaction lock (kCompactionLock in usage_ledger.cc).
-      absl::StatusOr<std::vector<storage::SqlRow>> l =
-          tx.Query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(1836454144)) AS l", {},
-                   {storage::SqlType::kInt64});
-      if (!l.ok()) return l.status();
-      locked.set_value();
-      go.wait();
-      return absl::OkStatus();
-    });
-    EXPECT_TRUE(s.ok()) << s;
+  HeldTransaction other(*datastore_, [](storage::ReadWriteTx& tx) {
+    // The ledger's compaction lock (kCompactionLock in usage_ledger.cc).
+    return tx
+        .Query("SELECT 1 FROM (SELECT pg_advisory_xact_lock(1836454144)) AS l", {},
+               {storage::SqlType::kInt64})
+        .status();
   });
-  locked.get_future().wait();
+  ASSERT_TRUE(other.ran().ok()) << other.ran();
   absl::StatusOr<std::int64_t> skipped = ledger_->CompactRollups();
-  release.set_value();
-  other.join();
+  other.Commit();
   ASSERT_TRUE(skipped.ok()) << skipped.status();
   EXPECT_EQ(*skipped, 0);
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 1);
