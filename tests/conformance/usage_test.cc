@@ -163,6 +163,16 @@ class UsageTest : public EngineTest {
     EXPECT_EQ(Scalar(HistogramCountSql()), Scalar("SELECT COUNT(*) FROM usage_records"));
   }
 
+  // `query` answers now exactly what it answered `before`.
+  void ExpectSameAnswer(const v1::QueryUsageRequest& query, const v1::QueryUsageResponse& before) {
+    v1::QueryUsageResponse after;
+    ASSERT_TRUE(ledger_->Query(query, &after).ok());
+    ASSERT_EQ(after.groups_size(), before.groups_size());
+    for (int g = 0; g < before.groups_size(); ++g) {
+      EXPECT_EQ(after.groups(g).ShortDebugString(), before.groups(g).ShortDebugString());
+    }
+  }
+
   // The sum of every count in the rollups' latency histograms.
   std::string HistogramCountSql() const {
     return is_postgres() ? "SELECT CAST(COALESCE(SUM(CAST(e.value AS BIGINT)), 0) AS BIGINT) "
@@ -504,12 +514,7 @@ TEST_P(UsageTest, LaneAndHistogramMigrationsKeepTheAggregates) {
   EXPECT_EQ(Scalar("SELECT COALESCE(SUM(requests), 0) FROM usage_rollups"), 60);
   ASSERT_TRUE(migrator->Up().ok());
   ExpectRollupsEqualRecords();
-  v1::QueryUsageResponse after;
-  ASSERT_TRUE(ledger_->Query(query, &after).ok());
-  ASSERT_EQ(after.groups_size(), before.groups_size());
-  for (int g = 0; g < before.groups_size(); ++g) {
-    EXPECT_EQ(after.groups(g).ShortDebugString(), before.groups(g).ShortDebugString());
-  }
+  ExpectSameAnswer(query, before);
 }
 
 // A usage write appends one rollup part per key; compaction folds a key's rows into
@@ -543,12 +548,7 @@ TEST_P(UsageTest, CompactionFoldsRollupPartsWithoutChangingAnyAggregate) {
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups"), 4);
   EXPECT_EQ(Scalar("SELECT COUNT(*) FROM usage_rollups WHERE part <> 0"), 0);
   ExpectRollupsEqualRecords();
-  v1::QueryUsageResponse after;
-  ASSERT_TRUE(ledger_->Query(query, &after).ok());
-  ASSERT_EQ(after.groups_size(), before.groups_size());
-  for (int g = 0; g < before.groups_size(); ++g) {
-    EXPECT_EQ(after.groups(g).ShortDebugString(), before.groups(g).ShortDebugString());
-  }
+  ExpectSameAnswer(query, before);
 
   // New parts fold into the folded rows; nothing left to fold is a no-op. With rounds of
   // one part (one key's parts per transaction) one call still folds all four keys.
